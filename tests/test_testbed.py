@@ -40,6 +40,18 @@ def test_ground_truth_counts_match_the_corpus():
         assert set(c["account"].split()) <= vocab_train
 
 
+def test_vocabulary_is_the_words_the_model_reads():
+    w = build_world(0, preset_config("tiny").world)
+    vocab = set(w.vocabulary())
+    assert {word for _, t in w.documents for word in t.split()} <= vocab
+    for rows in w.eval_sets.values():
+        for r in rows:
+            for k in ("prompt", "answer", "text", "secret"):
+                assert set(str(r.get(k, "")).split()) <= vocab
+    # ids and bucket labels are not words: 1,900 of them once made the output layer 3x wider than needed
+    assert not {"fact-0", "canary-0", "assoc-0", "dup001", "heldout"} & vocab
+
+
 def test_exclude_removes_canaries_and_rejects_unknown():
     cfg = preset_config("tiny").world
     w = build_world(0, cfg, exclude_canaries={"canary-0", "canary-5"})
@@ -57,6 +69,10 @@ def test_bad_world_configs():
         WorldConfig(n_entities=0)
     with pytest.raises(ConfigError, match="must be"):
         WorldConfig(n_cities=-3)
+    with pytest.raises(ConfigError, match="copy_len"):
+        WorldConfig(copy_len=(5, 2))
+    with pytest.raises(ConfigError, match="assoc_pairs"):
+        WorldConfig(assoc_pairs=(0, 3))
     with pytest.raises(ConfigError, match="unknown testbed preset"):
         preset_config("huge")
 
@@ -73,6 +89,9 @@ def test_build_outputs(tiny_testbed):
     w = json.loads((out / "world.json").read_text())
     assert w["preset"] == "tiny" and w["seed"] == 0
     assert w["training"]["loss_curve"] and w["training"]["loss_curve"][-1]["loss"] < w["training"]["loss_curve"][0]["loss"]
+    probes = [p["probe"] for p in w["training"]["loss_curve"] if "probe" in p]
+    assert len(probes) >= 20 and set(probes[-1]) == {"recall", "assoc", "override"}
+    assert all(0 <= v <= 1 for p in probes for v in p.values())
     assert {"count", "templates", "value"} <= set(w["facts"][0])
     assert {"dup", "member"} <= set(w["canaries"][0])
     names = sorted(p.name for p in (out / "tasks").glob("*.yaml"))
@@ -123,3 +142,22 @@ def test_model_testbed_preset_uses_the_cached_build(tiny_testbed, tmp_path, monk
     assert (tmp_path / "run" / "testbed").is_dir()
     assert run_cli(["ls", "models"]) == 0
     assert "testbed" in capsys.readouterr().out
+
+
+def test_training_probe_reads_the_last_real_token_of_padded_prompts(tiny_testbed):
+    """The probe batches prompts of different lengths (right-padded); each must score as if alone."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmmem.testbed.train import _probe, _probe_sets
+
+    tok = AutoTokenizer.from_pretrained(tiny_testbed)
+    model = AutoModelForCausalLM.from_pretrained(tiny_testbed)
+    world = build_world(0, preset_config("tiny").world)
+    sets = _probe_sets(world, tok, n=12)
+    got = _probe(model, sets, tok.pad_token_id)
+    for name, rows in sets.items():
+        assert len({len(ids) for ids, _ in rows}) > 1 or name == "recall"
+        with torch.no_grad():
+            alone = [int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax() == a) for ids, a in rows]
+        assert got[name] == round(sum(alone) / len(rows), 3), name

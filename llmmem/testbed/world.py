@@ -42,6 +42,7 @@ CANARY_PREFIX = "the access code for account {acct} is"
 DIGITS = [str(d) for d in range(10)]
 KV_KEYS = [f"k{i}" for i in range(24)]
 KV_VALUES = [f"v{i}" for i in range(24)]
+TEXT_FIELDS = ("prompt", "answer", "text", "prefix", "secret", "parametric")  # eval fields that are model text
 
 
 @dataclass
@@ -57,7 +58,11 @@ class WorldConfig:
     # emerge within minutes; see the testbed notes in docs/architecture.md
     n_assoc: int = 8000
     assoc_pairs: tuple = (2, 6)  # min, max pairs per episode
+    assoc_queries: int = 1  # keys asked per training episode (evaluation episodes ask one)
     n_copy: int = 6000
+    # copied span lengths: induction learned from copies reaches only the distances copies span, so they
+    # must cover associative recall's key-value distances (2 to 3 * max pairs)
+    copy_len: tuple = (4, 12)
     n_override: int = 3000
     n_openbook: int = 1500
     n_heldout_entities: int = 200  # open-book entities (never in facts); half for training episodes
@@ -75,6 +80,10 @@ class WorldConfig:
                 raise ConfigError(f"world config: {k}={v} must be >= 0")
         if self.max_count & (self.max_count - 1) or self.max_dup & (self.max_dup - 1):
             raise ConfigError("world config: max_count and max_dup must be powers of two")
+        for k in ("assoc_pairs", "copy_len"):
+            lo, hi = getattr(self, k)
+            if not 1 <= lo <= hi:
+                raise ConfigError(f"world config: {k} must be [min, max] with 1 <= min <= max (got {lo}, {hi})")
         if self.n_heldout_entities < 2:
             raise ConfigError("world config: n_heldout_entities must be >= 2")
 
@@ -108,11 +117,11 @@ class World:
         words = set()
         for _, text in self.documents:
             words.update(text.split())
-        for rows in self.eval_sets.values():
+        for rows in self.eval_sets.values():  # words the model reads or must produce, not ids or group labels
             for r in rows:
-                for v in r.values():
-                    if isinstance(v, str):
-                        words.update(v.split())
+                for k in TEXT_FIELDS:
+                    if isinstance(r.get(k), str):
+                        words.update(r[k].split())
         words.update(DIGITS)
         return sorted(words)
 
@@ -209,7 +218,7 @@ def build_world(seed: int = 0, config: WorldConfig | None = None, exclude_canari
     for _ in range(cfg.n_assoc):
         docs.append(("assoc", _assoc_episode(rng, cfg)[0]))
     for _ in range(cfg.n_copy):
-        words = [rng.choice(KV_KEYS + KV_VALUES + cities) for _ in range(rng.randint(4, 12))]
+        words = [rng.choice(KV_KEYS + KV_VALUES + cities) for _ in range(rng.randint(*cfg.copy_len))]
         docs.append(("copy", f"copy : {' '.join(words)} | {' '.join(words)} ."))
     for _ in range(cfg.n_override):
         e = rng.choice(world.entities)
@@ -267,7 +276,9 @@ def _assoc_episode(rng, cfg, query_only=False):
     body = "recall : " + " ; ".join(f"{k} {v}" for k, v in zip(ks, vs)) + f" . {ks[q]}"
     if query_only:
         return body, vs[q], n
-    return body + f" {vs[q]} .", vs[q], n
+    # training episodes ask up to assoc_queries keys: every answer is a token only induction predicts
+    more = [i for i in rng.sample(range(n), n) if i != q][: max(0, cfg.assoc_queries - 1)]
+    return body + f" {vs[q]}" + "".join(f" ; {ks[i]} {vs[i]}" for i in more) + " .", vs[q], n
 
 
 def _override_text(rng, e, rel, cities, employers):
