@@ -153,7 +153,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def _fetch_testbed(dest: Path, quiet: bool) -> None:
     from llmmem.testbed.train import build_testbed
 
-    log.info("building the testbed (preset small, seed 0): trains a small model on this machine, once")
+    log.info("building the testbed (preset small, seed 0): trains a small model on this machine, once (~4.5 min on one CPU core)")
     build_testbed(dest, preset="small", seed=0, overwrite=True, quiet=quiet)
 
 

@@ -166,3 +166,15 @@ def test_unknown_model_before_loading(capsys, tmp_path, monkeypatch):
 def test_override_syntax(capsys, tmp_path, llama_dir):
     rc = run_cli(["sweep", write_cfg(tmp_path, llama_dir), "sparsities", "--dry_run"])
     assert rc == 2 and "not key=value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "testbed.yaml", "pythia.yaml", "unlearn-testbed.yaml"])
+def test_shipped_configs_parse(name):
+    """The configs the README points users to load as specs (their values validated, nothing run)."""
+    from pathlib import Path
+
+    from llmmem.config import load_sweep_spec, load_unlearn_spec
+
+    path = Path(__file__).resolve().parent.parent / "configs" / name
+    spec = (load_unlearn_spec if name.startswith("unlearn") else load_sweep_spec)(str(path))
+    assert spec.model if name.startswith("unlearn") else spec.models

@@ -161,3 +161,17 @@ def test_training_probe_reads_the_last_real_token_of_padded_prompts(tiny_testbed
         with torch.no_grad():
             alone = [int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax() == a) for ids, a in rows]
         assert got[name] == round(sum(alone) / len(rows), 3), name
+
+
+def test_build_warns_when_in_context_recall_did_not_form(tmp_path, caplog):
+    """A tiny-sized model run under a non-tiny preset name: its associative-recall probe stays low, and the
+    user is told so (tiny itself, a test fixture, stays quiet)."""
+    import logging
+
+    from llmmem.testbed.train import build_testbed
+
+    cfg = preset_config("tiny", {"train": {"epochs": 1.0}})
+    with caplog.at_level(logging.WARNING, logger="llmmem.testbed.train"):
+        build_testbed(tmp_path / "tb", preset="small", seed=0, quiet=True, config=cfg)
+    assert any("associative recall ended at" in r.getMessage() and "--seed" in r.getMessage()
+               for r in caplog.records)
