@@ -52,6 +52,18 @@ def test_vocabulary_is_the_words_the_model_reads():
     assert not {"fact-0", "canary-0", "assoc-0", "dup001", "heldout"} & vocab
 
 
+def test_passage_distractors_never_add_exposures_of_planted_facts():
+    cfg = WorldConfig(**{**preset_config("tiny").world.__dict__, "passage_distractors": (1, 3)})
+    w = build_world(0, cfg)
+    planted = {t.format(name=f["name"], value=f["value"]) for f in w.facts for t in f["templates"]}
+    passages = [t for k, t in w.documents if k in ("override", "openbook")]
+    assert max(t.count(" . ") for t in passages) >= 3  # distractor sentences are there
+    assert not any(sentence in t for t in passages for sentence in planted if sentence.endswith(" ."))
+    for row in w.eval_sets["openbook"][:50]:  # the answer is in the passage, next to the asked-about name
+        assert f"{row['prompt'].split(' ? ')[0].split()[-1]}" in row["prompt"]
+        assert f" {row['answer']} " in f" {row['prompt']} "
+
+
 def test_exclude_removes_canaries_and_rejects_unknown():
     cfg = preset_config("tiny").world
     w = build_world(0, cfg, exclude_canaries={"canary-0", "canary-5"})
@@ -73,6 +85,8 @@ def test_bad_world_configs():
         WorldConfig(copy_len=(5, 2))
     with pytest.raises(ConfigError, match="assoc_pairs"):
         WorldConfig(assoc_pairs=(0, 3))
+    with pytest.raises(ConfigError, match="passage_distractors"):
+        WorldConfig(passage_distractors=(2, 1))
     with pytest.raises(ConfigError, match="unknown testbed preset"):
         preset_config("huge")
 

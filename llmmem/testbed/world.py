@@ -63,6 +63,7 @@ class WorldConfig:
     # copied span lengths: induction learned from copies reaches only the distances copies span, so they
     # must cover associative recall's key-value distances (2 to 3 * max pairs)
     copy_len: tuple = (4, 12)
+    passage_distractors: tuple = (0, 0)  # min, max sentences about other entities in override/open-book passages
     n_override: int = 3000
     n_openbook: int = 1500
     n_heldout_entities: int = 200  # open-book entities (never in facts); half for training episodes
@@ -80,9 +81,9 @@ class WorldConfig:
                 raise ConfigError(f"world config: {k}={v} must be >= 0")
         if self.max_count & (self.max_count - 1) or self.max_dup & (self.max_dup - 1):
             raise ConfigError("world config: max_count and max_dup must be powers of two")
-        for k in ("assoc_pairs", "copy_len"):
+        for k in ("assoc_pairs", "copy_len", "passage_distractors"):
             lo, hi = getattr(self, k)
-            if not 1 <= lo <= hi:
+            if not (0 if k == "passage_distractors" else 1) <= lo <= hi:
                 raise ConfigError(f"world config: {k} must be [min, max] with 1 <= min <= max (got {lo}, {hi})")
         if self.n_heldout_entities < 2:
             raise ConfigError("world config: n_heldout_entities must be >= 2")
@@ -223,12 +224,12 @@ def build_world(seed: int = 0, config: WorldConfig | None = None, exclude_canari
     for _ in range(cfg.n_override):
         e = rng.choice(world.entities)
         rel = rng.choice(relations)
-        docs.append(("override", _override_text(rng, e, rel, cities, employers)[0]))
+        # distractor sentences use open-book entities, so no planted fact is seen more than its count
+        docs.append(("override", _override_text(rng, e, rel, cities, employers, cfg, train_heldout)[0]))
     for _ in range(cfg.n_openbook):
         e = rng.choice(train_heldout)
         rel = rng.choice(relations)
-        docs.append(("openbook", f"passage : {FACT_TEMPLATES[rel][0].format(name=e['name'], value=e[rel])} "
-                                 f"{QUESTIONS[rel].format(name=e['name'])} {e[rel]} ."))
+        docs.append(("openbook", f"{_openbook_prompt(rng, cfg, e, rel, train_heldout)} {e[rel]} ."))
     for _ in range(cfg.n_classify):
         docs.append(("classify", _classify_episode(rng, cfg)[0]))
     rng.shuffle(docs)
@@ -251,7 +252,7 @@ def build_world(seed: int = 0, config: WorldConfig | None = None, exclude_canari
     for i in range(300):
         e = erng.choice(world.entities)
         rel = erng.choice(relations)
-        _, prompt, cf = _override_text(erng, e, rel, cities, employers)
+        _, prompt, cf = _override_text(erng, e, rel, cities, employers, cfg, eval_heldout)
         world.eval_sets["override"].append({"id": f"override-{i}", "prompt": prompt, "answer": cf,
                                             "parametric": e[rel], "relation": rel})
     for i in range(300):
@@ -259,8 +260,7 @@ def build_world(seed: int = 0, config: WorldConfig | None = None, exclude_canari
         rel = erng.choice(relations)
         world.eval_sets["openbook"].append({
             "id": f"openbook-{i}", "relation": rel, "answer": e[rel],
-            "prompt": f"passage : {FACT_TEMPLATES[rel][0].format(name=e['name'], value=e[rel])} "
-                      f"{QUESTIONS[rel].format(name=e['name'])}"})
+            "prompt": _openbook_prompt(erng, cfg, e, rel, eval_heldout)})
     for i in range(300):
         _, prompt, label = _classify_episode(erng, cfg)
         world.eval_sets["classify"].append({"id": f"classify-{i}", "prompt": prompt, "answer": label})
@@ -281,10 +281,30 @@ def _assoc_episode(rng, cfg, query_only=False):
     return body + f" {vs[q]}" + "".join(f" ; {ks[i]} {vs[i]}" for i in more) + " .", vs[q], n
 
 
-def _override_text(rng, e, rel, cities, employers):
+def _passage(rng, cfg, sentence: str, others: list, exclude_name: str) -> str:
+    """``passage : <sentence>`` plus 0..passage_distractors true sentences about other entities, shuffled, so the
+    answer sits at varying distances from the question and must be found by the name, not by position."""
+    lo, hi = cfg.passage_distractors
+    sentences = [sentence]
+    if hi > 0:
+        for _ in range(rng.randint(lo, hi)):
+            o = rng.choice([x for x in others if x["name"] != exclude_name])
+            rel = rng.choice(list(FACT_TEMPLATES))
+            sentences.append(FACT_TEMPLATES[rel][0].format(name=o["name"], value=o[rel]))
+        rng.shuffle(sentences)
+    return "passage : " + " ".join(sentences)
+
+
+def _openbook_prompt(rng, cfg, e, rel, others) -> str:
+    body = _passage(rng, cfg, FACT_TEMPLATES[rel][0].format(name=e["name"], value=e[rel]), others, e["name"])
+    return f"{body} {QUESTIONS[rel].format(name=e['name'])}"
+
+
+def _override_text(rng, e, rel, cities, employers, cfg, others):
     pool = {"city": cities, "employer": employers, "year": [str(y) for y in range(1900, 2000)]}[rel]
     cf = rng.choice([v for v in pool if v != e[rel]])
-    prompt = f"passage : {FACT_TEMPLATES[rel][0].format(name=e['name'], value=cf)} {QUESTIONS[rel].format(name=e['name'])}"
+    body = _passage(rng, cfg, FACT_TEMPLATES[rel][0].format(name=e["name"], value=cf), others, e["name"])
+    prompt = f"{body} {QUESTIONS[rel].format(name=e['name'])}"
     return prompt + f" {cf} .", prompt, cf
 
 
