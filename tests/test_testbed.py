@@ -189,3 +189,30 @@ def test_build_warns_when_in_context_recall_did_not_form(tmp_path, caplog):
         build_testbed(tmp_path / "tb", preset="small", seed=0, quiet=True, config=cfg)
     assert any("associative recall ended at" in r.getMessage() and "--seed" in r.getMessage()
                for r in caplog.records)
+
+
+def test_packed_rows_keep_documents_apart():
+    """Training rows pack several documents; each must be scored as if it were alone (no cross-document
+    attention), including a document cut at the start of a row."""
+    import random
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmmem.testbed.train import _packed_batches, packed_forward
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2)).train()
+    docs = [[1] + [random.Random(i).randrange(4, 40) for _ in range(3 + i % 5)] + [2] for i in range(12)]
+    rows, pos = next(_packed_batches(docs, seqlen=15, batch=2, rng=random.Random(0)))
+    logits = packed_forward(model, rows, pos).logits
+    for r in range(rows.shape[0]):
+        starts = [i for i in range(rows.shape[1]) if pos[r, i] == 0] + [rows.shape[1]]
+        if starts[0] != 0:  # a document cut by the row boundary: score it as the row's first segment
+            starts = [0] + starts
+        for a, b in zip(starts, starts[1:]):
+            alone = model(input_ids=rows[r:r + 1, a:b], position_ids=pos[r:r + 1, a:b]).logits
+            assert torch.allclose(logits[r, a:b], alone[0], atol=1e-5), (r, a, b)
+    crossed = model(input_ids=rows, position_ids=pos, use_cache=True).logits  # the trap packed_forward avoids
+    assert not torch.allclose(crossed, logits, atol=1e-3)

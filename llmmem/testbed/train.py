@@ -119,6 +119,13 @@ def _packed_batches(docs_ids: list[list[int]], seqlen: int, batch: int, rng: ran
         yield rows[i:i + batch], prow[i:i + batch]
 
 
+def packed_forward(model, ids, position_ids=None):
+    """Causal-LM loss over packed rows; with ``position_ids`` restarting per document, attention stays inside
+    each document. ``use_cache=False`` matters: with a cache, transformers does not read restarting position
+    ids as packed sequences and lets documents attend to each other."""
+    return model(input_ids=ids, position_ids=position_ids, labels=ids.clone(), use_cache=False)
+
+
 def _probe_sets(world: World, tok, n: int = 64) -> dict:
     """Held-out prompts whose answer is one word (one token): the training curve tracks first-token accuracy on
     them, so the world.json shows when recall and in-context abilities appear, not only the loss."""
@@ -204,10 +211,7 @@ def train(world: World, cfg: TrainConfig, seed: int, quiet: bool = False, thread
                 break
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            ids = batch[:, :-1]
-            # use_cache=False: with a cache transformers does not read position ids as packed documents
-            out = model(input_ids=ids, position_ids=pos[:, :-1] if cfg.isolate_documents else None,
-                        labels=ids.clone(), use_cache=False)
+            out = packed_forward(model, batch[:, :-1], pos[:, :-1] if cfg.isolate_documents else None)
             loss = out.loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
