@@ -219,7 +219,7 @@ def _run_model(spec, run_dir, todo, tasks, overwrite, quiet, print_fn, k, total)
     snapshot = {n: t.detach().to("cpu", copy=True) for n, t in lm.model.state_dict().items()}
     load_seconds = round(time.time() - t0, 3)
     backend = make_backend(spec.backend, lm, batch_size=spec.batch_size, quiet=quiet)
-    engine_dense = True  # a vLLM engine starts from the dense checkpoint
+    engine_dense = True  # an engine holding its own weights starts from the dense checkpoint
     prunable = None
     calibrations: dict = {}
     limits = {t.name: spec.limit_for(t.name) for t in tasks}
@@ -248,7 +248,8 @@ def _run_model(spec, run_dir, todo, tasks, overwrite, quiet, print_fn, k, total)
                            offload=mspec.offload, quiet=quiet)
             prune_seconds = time.time() - tp
         engine_update = None
-        if spec.backend == "vllm" and (c.prune is not None or not engine_dense):
+        # a backend holding its own copy of the weights (a vLLM engine) gets the cell's weights pushed
+        if hasattr(backend, "update_weights") and (c.prune is not None or not engine_dense):
             from llmmem.models import prunable_parameter_names
 
             prunable = prunable or prunable_parameter_names(lm.model)

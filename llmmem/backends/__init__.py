@@ -7,16 +7,10 @@ __all__ = ["BACKENDS", "make_backend"]
 
 def make_backend(name: str, lm, **kwargs):
     """Instantiate the backend registered as ``name`` for a loaded model."""
-    if name == "vllm":
-        kwargs.setdefault("engine_args", lm.spec.engine_args())
     return BACKENDS.get(name)(lm, **kwargs)
 
 
 def check_backend(name: str) -> str:
     """Fail early (before any model loads) for an unknown or uninstalled backend."""
-    BACKENDS.check(name)
-    if name == "vllm":
-        from llmmem.backends.vllm import _require_vllm
-
-        _require_vllm()
+    BACKENDS.get(name).check_available()
     return name

