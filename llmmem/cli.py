@@ -323,12 +323,9 @@ def cmd_testbed(args) -> int:
     cfg = preset_config(args.preset, overrides)  # unknown preset or bad sizes -> one line, exit 2
     exclude = None
     if args.exclude:
-        from pathlib import Path
+        from llmmem.config import read_id_file
 
-        p = Path(args.exclude)
-        if not p.is_file():
-            raise ConfigError(f"--exclude file {args.exclude} does not exist")
-        exclude = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        exclude = read_id_file(args.exclude, "--exclude file")
         if not exclude:
             raise ConfigError(f"--exclude file {args.exclude} names no canaries")
     settings = RunSettings(seed=args.seed, quiet=args.quiet, threads=args.threads)

@@ -348,6 +348,14 @@ def yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
+def read_id_file(path: Path | str, what: str) -> list[str]:
+    """Ids one per line (blank lines and ``#`` comments skipped), e.g. the canaries to forget or leave out."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    return [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+
+
 def yaml_load_file(path: Path | str, what: str = "file"):
     """Parse a YAML file; a syntax error becomes one ConfigError line naming the file and line."""
     import yaml
@@ -463,10 +471,7 @@ class UnlearnSpec:
             raise ConfigError(f"--eval_every {self.eval_every} is larger than --steps {self.steps}")
         self.grad_norm_steps = parse_positive_int("grad_norm_steps", self.grad_norm_steps, minimum=0)
         if isinstance(self.forget_ids, str):  # a file of ids, one per line (the same file as testbed --exclude)
-            p = Path(self.forget_ids)
-            if not p.is_file():
-                raise ConfigError(f"forget_ids file {self.forget_ids} does not exist")
-            self.forget_ids = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+            self.forget_ids = read_id_file(self.forget_ids, "forget_ids file")
         if isinstance(self.utility_tasks, str):
             self.utility_tasks = [t for t in self.utility_tasks.split(",") if t.strip()]
         if isinstance(self.method_args, str):

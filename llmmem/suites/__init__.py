@@ -96,6 +96,6 @@ def run_task(task: Task, backend, *, limit: int | None = None, num_fewshot: int 
     metrics = aggregate(rows, names, task.bucket_by, seed=seed + 1234)
     metrics.update(suite.summarize(task, rows, seed))
     primary = names[0] if names else next((m for m in metrics if m.endswith("_auc")), None)
-    chance = {m: task.chance.get(m, task.chance.get("*")) for m in names if task.chance.get(m, task.chance.get("*")) is not None}
+    chance = {m: c for m in names if (c := task.chance.get(m, task.chance.get("*"))) is not None}
     return TaskResult(task.name, metrics, rows, len(rows), task.version, task.content_hash(),
                       round(time.time() - t0, 3), k, task.suite, primary, chance)

@@ -299,12 +299,15 @@ def build_testbed(output: str | Path, preset: str = "small", seed: int = 0, over
     cfg = config or preset_config(preset)
     world = build_world(seed, cfg.world, exclude_canaries=set(exclude or ()))
     model, tok, info = train(world, cfg, seed, quiet=quiet, threads=threads)
+    from llmmem.testbed.acceptance import TARGETS
+
     final = next((pt["probe"] for pt in reversed(info["loss_curve"]) if "probe" in pt), {})
-    if preset != "tiny" and final.get("assoc", 1.0) < 0.9:  # tiny is a test fixture: no ICL expected
+    target = TARGETS["assoc"][1]
+    if preset != "tiny" and final.get("assoc", 1.0) < target:  # tiny is a test fixture: no ICL expected
         # the induction phase change is a bifurcation: some seeds settle on a partial, position-bound solution
-        log.warning("testbed seed %d: in-context associative recall ended at %.2f on the training probe (target 0.9): "
+        log.warning("testbed seed %d: in-context associative recall ended at %.2f on the training probe (target %.1f): "
                     "the induction circuit did not fully form for this seed; its curve is in world.json "
-                    "(training.loss_curve[].probe). Another --seed usually does.", seed, final["assoc"])
+                    "(training.loss_curve[].probe). Another --seed usually does.", seed, final["assoc"], target)
     from llmmem.results import atomic_directory
 
     with atomic_directory(out) as tmp:

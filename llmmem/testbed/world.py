@@ -81,10 +81,10 @@ class WorldConfig:
                 raise ConfigError(f"world config: {k}={v} must be >= 0")
         if self.max_count & (self.max_count - 1) or self.max_dup & (self.max_dup - 1):
             raise ConfigError("world config: max_count and max_dup must be powers of two")
-        for k in ("assoc_pairs", "copy_len", "passage_distractors"):
+        for k, least in (("assoc_pairs", 1), ("copy_len", 1), ("passage_distractors", 0)):
             lo, hi = getattr(self, k)
-            if not (0 if k == "passage_distractors" else 1) <= lo <= hi:
-                raise ConfigError(f"world config: {k} must be [min, max] with 1 <= min <= max (got {lo}, {hi})")
+            if not least <= lo <= hi:
+                raise ConfigError(f"world config: {k} must be [min, max] with {least} <= min <= max (got {lo}, {hi})")
         if self.n_heldout_entities < 2:
             raise ConfigError("world config: n_heldout_entities must be >= 2")
 
@@ -295,16 +295,17 @@ def _passage(rng, cfg, sentence: str, others: list, exclude_name: str) -> str:
     return "passage : " + " ".join(sentences)
 
 
-def _openbook_prompt(rng, cfg, e, rel, others) -> str:
-    body = _passage(rng, cfg, FACT_TEMPLATES[rel][0].format(name=e["name"], value=e[rel]), others, e["name"])
+def _openbook_prompt(rng, cfg, e, rel, others, value: str | None = None) -> str:
+    """A passage stating ``e``'s ``rel`` (its true value, or ``value``), then the question about it."""
+    stated = e[rel] if value is None else value
+    body = _passage(rng, cfg, FACT_TEMPLATES[rel][0].format(name=e["name"], value=stated), others, e["name"])
     return f"{body} {QUESTIONS[rel].format(name=e['name'])}"
 
 
 def _override_text(rng, e, rel, cities, employers, cfg, others):
     pool = {"city": cities, "employer": employers, "year": [str(y) for y in range(1900, 2000)]}[rel]
     cf = rng.choice([v for v in pool if v != e[rel]])
-    body = _passage(rng, cfg, FACT_TEMPLATES[rel][0].format(name=e["name"], value=cf), others, e["name"])
-    prompt = f"{body} {QUESTIONS[rel].format(name=e['name'])}"
+    prompt = _openbook_prompt(rng, cfg, e, rel, others, value=cf)
     return prompt + f" {cf} .", prompt, cf
 
 
