@@ -58,10 +58,12 @@ def test_passage_distractors_never_add_exposures_of_planted_facts():
     planted = {t.format(name=f["name"], value=f["value"]) for f in w.facts for t in f["templates"]}
     passages = [t for k, t in w.documents if k in ("override", "openbook")]
     assert max(t.count(" . ") for t in passages) >= 3  # distractor sentences are there
-    assert not any(sentence in t for t in passages for sentence in planted if sentence.endswith(" ."))
-    for row in w.eval_sets["openbook"][:50]:  # the answer is in the passage, next to the asked-about name
-        assert f"{row['prompt'].split(' ? ')[0].split()[-1]}" in row["prompt"]
-        assert f" {row['answer']} " in f" {row['prompt']} "
+    assert not any(sentence in t for t in passages for sentence in planted)
+    for row in w.eval_sets["openbook"][:50]:  # exactly one passage sentence names the asked-about entity
+        passage, question = row["prompt"].split(" question : ")
+        name = " ".join(question.split(" ? ")[0].removesuffix(" born").split()[-2:])  # names are two words
+        about = [sent for sent in passage.removeprefix("passage : ").split(" . ") if name in sent]
+        assert len(about) == 1 and f" {row['answer']}" in f" {about[0]} ", (row, about)
 
 
 def test_exclude_removes_canaries_and_rejects_unknown():
