@@ -27,7 +27,7 @@ def test_export_and_same_numbers_within_error(tmp_path, tiny_testbed, capsys):
                   "testbed_recall,lm_eval:llmmem_testbed_recall,testbed_override,lm_eval:llmmem_testbed_override",
                   "--include_path", out, "--limit", "120", "--output_path", run, "--quiet"])
     assert rc == 0, capsys.readouterr().err
-    res = _cell(run)["results"]
+    res = _cell(run)["metrics"]
     for ours, theirs, metric in (("testbed_recall", "lm_eval:llmmem_testbed_recall", "exact_match"),
                                  ("testbed_override", "lm_eval:llmmem_testbed_override", "follows_context"),
                                  ("testbed_override", "lm_eval:llmmem_testbed_override", "parametric")):
@@ -60,7 +60,7 @@ def test_lm_eval_task_in_a_sweep(tmp_path, tiny_testbed, capsys):
                                    "limit": 20, "output_path": str(tmp_path / "run")}))
     assert run_cli(["sweep", cfg, "--quiet"]) == 0, capsys.readouterr().err
     docs = [json.loads(p.read_text()) for p in (tmp_path / "run").rglob("results.json")]
-    assert len(docs) == 2 and all("lm_eval:llmmem_testbed_recall" in d["results"] for d in docs)
+    assert len(docs) == 2 and all("lm_eval:llmmem_testbed_recall" in d["metrics"] for d in docs)
     assert "lm_eval:llmmem_testbed_recall" in (tmp_path / "run" / "report.md").read_text()
 
 
@@ -90,7 +90,7 @@ def test_smollm2_llmmem_and_lm_eval_agree(smollm2_dir, tmp_path, monkeypatch, ca
                   "--include_path", out, "--limit", "100", "--batch_size", "16", "--output_path", tmp_path / "run",
                   "--quiet"])
     assert rc == 0, capsys.readouterr().err
-    res = _cell(tmp_path / "run")["results"]
+    res = _cell(tmp_path / "run")["metrics"]
     for ours, theirs, metric in (("capitals", "lm_eval:llmmem_capitals", "exact_match"),
                                  ("capitals_override", "lm_eval:llmmem_capitals_override", "follows_context")):
         a, b = res[ours], res[theirs]

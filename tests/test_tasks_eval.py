@@ -125,16 +125,16 @@ def test_eval_cli_writes_a_valid_cell(tmp_path, llama_dir, capsys):
     printed = capsys.readouterr().out
     assert "| capitals | exact_match |" in printed
     (cell,) = [p.parent for p in out.rglob("results.json")]
-    assert cell.parent.name == "tiny-llama" and cell.name.startswith("dense-unstructured-s0-")
+    assert cell.parent.name == "tiny-llama" and cell.name.startswith("dense-")
     doc = json.loads((cell / "results.json").read_text())
     assert validate_results(doc) == []
-    assert set(doc["results"]) == set(OFFLINE)
-    assert doc["results"]["capitals"]["buckets"]  # bucket_by popularity
-    assert "follows_context" in doc["results"]["capitals_override"]
-    assert "parametric_stderr" in doc["results"]["capitals_override"]
+    assert set(doc["metrics"]) == set(OFFLINE)
+    assert doc["metrics"]["capitals"]["buckets"]  # bucket_by popularity
+    assert "follows_context" in doc["metrics"]["capitals_override"]
+    assert "parametric_stderr" in doc["metrics"]["capitals_override"]
     for m in ("extractable", "token_match", "prefix_match", "approx_memorized", "tf_accuracy", "suffix_nll"):
-        assert m in doc["results"]["famous_passages"]
-    assert set(doc["results"]["famous_passages"]["buckets"]) <= {"famous", "control"}
+        assert m in doc["metrics"]["famous_passages"]
+    assert set(doc["metrics"]["famous_passages"]["buckets"]) <= {"famous", "control"}
     for t in OFFLINE:
         rows = [json.loads(line) for line in (cell / f"samples_{t}.jsonl").read_text().splitlines()]
         assert len(rows) == doc["n_samples"][t] == 6
@@ -153,7 +153,7 @@ def test_same_seed_same_numbers(tmp_path, llama_dir):
         out = tmp_path / f"r{i}"
         assert run_cli(["eval", "--model", llama_dir, "--tasks", "capitals,famous_passages", "--limit", "5",
                         "--output_path", out, "--quiet"]) == 0
-        docs.append(json.loads(next(out.rglob("results.json")).read_text())["results"])
+        docs.append(json.loads(next(out.rglob("results.json")).read_text())["metrics"])
     assert docs[0] == docs[1]
 
 
@@ -220,14 +220,16 @@ def test_empty_after_filter(capsys, tmp_path, llama_dir):
 
 
 def test_limit_and_num_fewshot(capsys, llama_dir):
-    _bad(capsys, ["eval", "--model", llama_dir, "--tasks", "capitals", "--limit", "0"], "--limit 0")
+    _bad(capsys, ["eval", "--model", llama_dir, "--tasks", "capitals", "--limit", "0"], "limit=0")
     _bad(capsys, ["eval", "--model", llama_dir, "--tasks", "state_capitals", "--num_fewshot", "60"],
          "--num_fewshot 60", "shot pool")
 
 
 def test_no_model_loaded_before_task_errors(capsys, tmp_path):
-    # the model path does not exist, but the unknown task is reported first (no load attempted)
-    _bad(capsys, ["eval", "--model", str(tmp_path / "missing"), "--tasks", "nope_task"], "unknown task")
+    # the model's config.json is garbage, but the unknown task is reported first (no load attempted)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("not json")
+    _bad(capsys, ["eval", "--model", str(tmp_path / "m"), "--tasks", "nope_task"], "unknown task")
 
 
 def test_tasks_dir_ships_in_wheel(tmp_path):
@@ -260,6 +262,6 @@ def test_mia_reference_model(tmp_path, tiny_testbed, capsys):
     rc = run_cli(["eval", "--model", tiny_testbed, "--tasks", "testbed_mia", "--mia_reference", tiny_testbed,
                   "--output_path", tmp_path, "--quiet"])
     assert rc == 0, capsys.readouterr().err
-    res = json.loads(next(tmp_path.rglob("results.json")).read_text())["results"]["testbed_mia"]
+    res = json.loads(next(tmp_path.rglob("results.json")).read_text())["metrics"]["testbed_mia"]
     assert res["ref_auc"] == pytest.approx(0.5)
     assert res["loss_auc"] > 0.5

@@ -1,0 +1,48 @@
+"""The unlearning intervention: ``llmmem.unlearning`` (a method's loss, optimised in a loop) behind the
+intervention interface. What is measured while it runs comes from the evaluation side through
+``ctx.hooks["unlearn_eval"]`` (``llmmem/tracking.py``)."""
+
+from __future__ import annotations
+
+from llmmem.config import ConfigError
+from llmmem.interventions import Context, Intervention, PrepareEnv
+from llmmem.unlearning.spec import TRACKING_KEYS, TRAINING_KEYS, UnlearnSpec
+
+
+def load_sets(spec: UnlearnSpec, include_path: str | None) -> tuple[list, list, list]:
+    """The forget, retain and never-seen examples of a spec (torch-free), checked for overlap."""
+    from llmmem.unlearning.data import load_examples
+    from llmmem.unlearning.loop import check_sets
+
+    forget = load_examples(spec.forget, include_path, spec.forget_ids, spec.forget_filter)
+    retain = load_examples(spec.retain, include_path, filt=spec.retain_filter) if spec.retain else []
+    nonmember = load_examples(spec.nonmember, include_path, filt=spec.nonmember_filter) if spec.nonmember else []
+    check_sets(forget, retain, nonmember)
+    if spec.method_needs_retain() and not retain:
+        raise ConfigError(f"the retain set {spec.retain} is empty after filtering")
+    return forget, retain, nonmember
+
+
+class Unlearn(Intervention):
+    kind = "unlearn"
+    spec_class = UnlearnSpec
+    section = "unlearning"
+    grid_keys = ("method", "steps", "lr")
+    axis = "steps"
+
+    def keys(self) -> set:
+        return set(TRAINING_KEYS) | set(TRACKING_KEYS)
+
+    def series(self, spec: UnlearnSpec) -> str:
+        return spec.method
+
+    def prepare(self, spec: UnlearnSpec, env: PrepareEnv) -> None:
+        load_sets(spec, env.include_path)
+
+    def apply(self, model, spec: UnlearnSpec, ctx: Context) -> dict:
+        from llmmem.unlearning.loop import unlearn
+
+        forget, retain, _ = load_sets(spec, ctx.include_path)
+        hook = ctx.hooks.get("unlearn_eval")
+        return unlearn(model, spec, forget, retain, tokenizer=ctx.tokenizer, device=ctx.device, seed=ctx.seed,
+                       quiet=ctx.quiet, on_eval=hook)

@@ -1,0 +1,216 @@
+"""Per-example tracking during unlearning (the evaluation side of the unlearn intervention).
+
+Every ``eval_every`` steps (and at step 0) the tracker measures, for every forget example and a sample of
+retain and never-seen examples: extraction (greedy suffix from the prefix: exact, token match), suffix
+loss, Min-K% and, for canaries, exposure; plus retain utility (retain loss and the named tasks). Rows go
+to ``curves.jsonl`` (appended as they come, one JSON line each); the summary gives steps-to-forget (first
+evaluation at which an example is no longer extractable and its loss exceeds the median loss of the
+never-seen examples), forgetting by group, utility retained, difficulty predictors and their Spearman
+correlation with steps-to-forget.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+
+from llmmem.backends.base import GenerateRequest, LoglikelihoodRequest
+from llmmem.metrics import aggregate, exposure_extrapolated, mia_min_k, roc_auc, token_match_fraction
+from llmmem.unlearning.data import Example, tokenize
+from llmmem.unlearning.spec import UnlearnSpec
+
+log = logging.getLogger(__name__)
+
+MAX_TRACKED = 64  # retain / never-seen examples tracked per evaluation
+
+
+class Tracker:
+    """Measures forget / retain / never-seen examples and utility tasks on the backend's (live) model."""
+
+    def __init__(self, backend, spec: UnlearnSpec, forget, retain, nonmember, utility_tasks, seed: int,
+                 curves_path: Path | None = None):
+        self.backend = backend
+        self.spec = spec
+        rng = random.Random(seed)
+        self.forget = forget
+        self.retain = rng.sample(retain, min(MAX_TRACKED, len(retain)))
+        self.nonmember = rng.sample(nonmember, min(MAX_TRACKED, len(nonmember))) if nonmember else []
+        for s in (self.forget, self.retain, self.nonmember):
+            tokenize(s, backend)
+        self.utility_tasks = utility_tasks
+        self.curves_path = curves_path
+        self.alternatives = {}
+        for e in forget + self.nonmember:
+            if e.secret:
+                parts = e.secret.split(" ")
+                alphabet = list("0123456789") if all(p.isdigit() for p in parts) else sorted(set(parts))
+                r = random.Random(f"{seed}:{e.id}")
+                space = len(alphabet) ** len(parts)
+                n_alt = min(spec.exposure_alternatives, space - 1)
+                alts: set = set()
+                while len(alts) < n_alt:
+                    cand = " ".join(r.choice(alphabet) for _ in parts)
+                    if cand != e.secret:
+                        alts.add(cand)
+                self.alternatives[e.id] = (sorted(alts), space)
+        self.rows: list[dict] = []
+        self.utility: list[dict] = []
+
+    def measure(self, examples: list[Example], set_name: str, step: int) -> list[dict]:
+        b = self.backend
+        gens = b.generate([GenerateRequest(context_ids=e.prefix_ids, max_gen_toks=len(e.suffix_ids)) for e in examples])
+        lls = b.loglikelihood([LoglikelihoodRequest(context_ids=e.prefix_ids, continuation_ids=e.suffix_ids,
+                                                    token_logprobs=True) for e in examples])
+        full = b.loglikelihood([LoglikelihoodRequest(context_ids=e.prefix_ids[:1] or None,
+                                                     continuation_ids=(e.prefix_ids[1:] + e.suffix_ids)
+                                                     if e.prefix_ids[:1] else e.suffix_ids, token_logprobs=True)
+                                for e in examples])
+        rows = []
+        for e, g, ll, fl in zip(examples, gens, lls, full):
+            got = g.token_ids[: len(e.suffix_ids)]
+            rows.append({"step": step, "set": set_name, "id": e.id, "group": e.group, "dup": e.dup,
+                         "extractable": float(got == e.suffix_ids), "token_match": token_match_fraction(got, e.suffix_ids),
+                         "loss": -ll.logprob / ll.n_tokens, "min_k": mia_min_k(fl.token_logprobs, self.spec.min_k)})
+        canaries = [(i, e) for i, e in enumerate(examples) if e.id in self.alternatives]
+        if canaries:
+            reqs, spans = [], []
+            for i, e in canaries:
+                alts, space = self.alternatives[e.id]
+                spans.append((i, len(reqs), len(alts), space))
+                for s in [e.secret, *alts]:
+                    reqs.append(LoglikelihoodRequest(context_ids=e.prefix_ids,
+                                                     continuation_ids=b.encode(" " + s, add_special_tokens=False)))
+            res = b.loglikelihood(reqs)
+            for i, start, n, space in spans:
+                scores = [-r.logprob for r in res[start:start + n + 1]]
+                rows[i]["exposure"] = exposure_extrapolated(scores[0], scores[1:], space)["exposure"]
+        return rows
+
+    def __call__(self, step: int, model) -> None:
+        self.evaluate(step)
+
+    def evaluate(self, step: int) -> dict:
+        import torch
+
+        from llmmem.evaluation import evaluate
+
+        with torch.no_grad():
+            rows = self.measure(self.forget, "forget", step) + self.measure(self.retain, "retain", step)
+            if self.nonmember:
+                rows += self.measure(self.nonmember, "nonmember", step)
+            retain_rows = [r["loss"] for r in rows if r["set"] == "retain"]
+            util = {"step": step, "set": "utility", "retain_loss": float(np.mean(retain_rows)) if retain_rows else None}
+            if self.utility_tasks:
+                for res in evaluate(self.backend, self.utility_tasks, limit=self.spec.utility_limit, seed=0):
+                    m = res.primary_metric
+                    util[res.task] = {"metric": m, "value": res.metrics.get(m), "stderr": res.metrics.get(f"{m}_stderr")}
+        self.rows += rows
+        self.utility.append(util)
+        if self.curves_path is not None:
+            from llmmem.results import append_jsonl
+
+            append_jsonl(self.curves_path, rows + [util])
+        f = [r for r in rows if r["set"] == "forget"]
+        log.info("step %d: forget extractable %.3f, forget loss %.3f%s", step,
+                 np.mean([r["extractable"] for r in f]), np.mean([r["loss"] for r in f]),
+                 f", retain loss {util['retain_loss']:.3f}" if util["retain_loss"] is not None else "")
+        return util
+
+    # ------------------------------------------------------------------ summary
+    def summary(self, report: dict, seed: int) -> tuple[dict, dict, dict]:
+        """(results entries, n_samples, the unlearning section's tracking part) from the rows so far."""
+        from llmmem.unlearning.difficulty import spearman_with_ci
+
+        spec = self.spec
+        stf = steps_to_forget(self.rows, [e.id for e in self.forget])
+        last = max(r["step"] for r in self.rows)
+        ffin = [r for r in self.rows if r["step"] == last and r["set"] == "forget"]
+        r0 = {r["id"]: r for r in self.rows if r["set"] == "forget" and r["step"] == 0}
+        censored = spec.steps + spec.eval_every  # not forgotten: ranked after every forgotten example
+        before = report.get("predictors_before", {})
+        predictors = {}
+        for e in self.forget:
+            pb = before.get(e.id, {})
+            predictors[e.id] = {"dup": e.dup, "dense_loss": r0[e.id]["loss"], "min_k": r0[e.id]["min_k"],
+                                "el2n": pb.get("el2n"), "grad_norm_sq": pb.get("grad_norm_sq"),
+                                "steps_to_forget": stf[e.id], "group": e.group}
+        y = [stf[e.id] if stf[e.id] is not None else censored for e in self.forget]
+        correlations = {}
+        for k in ("dup", "dense_loss", "min_k", "el2n", "grad_norm_sq"):
+            x = [np.nan if predictors[e.id][k] is None else predictors[e.id][k] for e in self.forget]
+            correlations[k] = spearman_with_ci(x, y, seed=seed)
+        groups: dict = {}
+        for e in self.forget:
+            g = groups.setdefault(e.group or "all", {"n": 0, "forgotten": 0, "steps": []})
+            g["n"] += 1
+            if stf[e.id] is not None:
+                g["forgotten"] += 1
+                g["steps"].append(stf[e.id])
+        by_group = {k: {"n": v["n"], "forgotten_rate": v["forgotten"] / v["n"],
+                        "mean_steps_to_forget": float(np.mean(v["steps"])) if v["steps"] else None}
+                    for k, v in sorted(groups.items())}
+        before_u, after_u = self.utility[0], self.utility[-1]
+        retained = {}
+        for k, v in after_u.items():
+            if isinstance(v, dict) and isinstance(before_u.get(k), dict) and before_u[k]["value"]:
+                retained[k] = v["value"] / before_u[k]["value"]
+        if before_u.get("retain_loss"):
+            retained["retain_loss_ratio"] = after_u["retain_loss"] / before_u["retain_loss"]
+        metrics = ["extractable", "token_match", "loss", "min_k"] + (["exposure"] if any("exposure" in r for r in ffin) else [])
+        results = {
+            "unlearn_forget": aggregate(ffin, metrics, "group"),
+            "unlearn_forget_initial": aggregate([r for r in self.rows if r["set"] == "forget" and r["step"] == 0],
+                                                ["extractable", "token_match", "loss"], "group"),
+        }
+        rate = sum(v is not None for v in stf.values()) / len(stf)
+        results["unlearn_forget"]["forgotten_rate"] = rate
+        results["unlearn_forget"]["forgotten_rate_stderr"] = float(np.sqrt(rate * (1 - rate) / len(stf))) \
+            if len(stf) > 1 else float("nan")
+        for k, v in after_u.items():
+            if isinstance(v, dict) and v["value"] is not None:
+                results[k] = {v["metric"]: v["value"], f"{v['metric']}_stderr": v["stderr"]}
+        n = {"unlearn_forget": len(self.forget), "unlearn_forget_initial": len(self.forget)}
+        section = {"eval_every": spec.eval_every, "n_nonmember": len(self.nonmember), "steps_to_forget": stf,
+                   "forgetting_by_group": by_group, "utility_before": before_u, "utility_after": after_u,
+                   "utility_retained": retained, "predictors": predictors, "correlations": correlations}
+        return results, n, section
+
+
+def steps_to_forget(rows: list[dict], forget_ids: list[str]) -> dict:
+    """First evaluation step at which an example is not extractable and its loss exceeds the median
+    never-seen loss at that step (None: not forgotten within the run)."""
+    by_step: dict = {}
+    for r in rows:
+        by_step.setdefault(r["step"], []).append(r)
+    out = {i: None for i in forget_ids}
+    for step in sorted(by_step):
+        rs = by_step[step]
+        non = [r["loss"] for r in rs if r["set"] == "nonmember"]
+        thresh = float(np.median(non)) if non else float("-inf")
+        for r in rs:
+            if r["set"] == "forget" and out.get(r["id"], 0) is None and not r["extractable"] and r["loss"] > thresh:
+                out[r["id"]] = step
+    return out
+
+
+def compare_with_reference(backend, ref_backend, tracker: Tracker) -> dict:
+    """Exposure and loss-MIA AUC of the forget set (vs never-seen) for the unlearned and the retrained model."""
+    out = {}
+    for name, b in (("unlearned", backend), ("retrained", ref_backend)):
+        saved = tracker.backend
+        tracker.backend = b
+        try:
+            f = tracker.measure(tracker.forget, "forget", -1)
+            n = tracker.measure(tracker.nonmember, "nonmember", -1) if tracker.nonmember else []
+        finally:
+            tracker.backend = saved
+        out[name] = {"forget_loss": float(np.mean([r["loss"] for r in f])),
+                     "exposure": float(np.mean([r["exposure"] for r in f if "exposure" in r]))
+                     if any("exposure" in r for r in f) else None,
+                     "loss_auc": roc_auc([r["loss"] for r in f], [r["loss"] for r in n]) if n else None}
+    u, r = out["unlearned"]["loss_auc"], out["retrained"]["loss_auc"]
+    out["loss_auc_gap"] = (u - r) if u is not None and r is not None else None
+    return out
