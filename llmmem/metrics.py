@@ -99,13 +99,15 @@ def bleu4(candidate: Sequence, reference: Sequence) -> float:
 
 
 # ----------------------------------------------------------------------------- exposure
+# The suites use llmmem.exposure (declared secret space, exact enumeration or a sample with its interval).
+# exposure_extrapolated stays only for unlearning/runner.py until its tracker moves to llmmem.exposure.
 def exposure_from_rank(rank: int, space_size: float) -> float:
     """Carlini et al. 2019: exposure = log2 |R| - log2 rank (rank 1 = the most likely secret)."""
     return math.log2(space_size) - math.log2(rank)
 
 
 def exposure_extrapolated(true_score: float, sample_scores: Sequence[float], space_size: float) -> dict:
-    """Exposure of a canary from sampled alternatives' log-perplexities (lower = more likely).
+    """Legacy (see :func:`llmmem.exposure.exposure`): exposure from sampled alternatives' log-perplexities.
 
     The empirical rank among the sample gives exposure directly when the sample resolves it; when the
     true secret beats every sampled one, the rank is extrapolated from a skew-normal fit to the
