@@ -1,7 +1,10 @@
 """Metric functions against hand-computed values."""
 
 import math
+import re
+import string
 import zlib
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -211,3 +214,64 @@ def test_privleak_matches_open_unlearning_and_muse():
     assert M.privleak(aucs["over-unlearned"], r) > 20
     assert M.privleak(r, r) == 0.0
     assert math.isnan(M.privleak(0.7, 1.0))
+
+
+# SQuAD v1.1 official evaluate-v1.1.py: normalize_answer, f1_score, exact_match_score, metric_max_over_ground_truths
+def _squad_normalize_answer(s):
+    def remove_articles(text):
+        return re.sub(r"\b(a|an|the)\b", " ", text)
+
+    def white_space_fix(text):
+        return " ".join(text.split())
+
+    def remove_punc(text):
+        exclude = set(string.punctuation)
+        return "".join(ch for ch in text if ch not in exclude)
+
+    return white_space_fix(remove_articles(remove_punc(s.lower())))
+
+
+def _squad_f1(prediction, ground_truth):
+    prediction_tokens = _squad_normalize_answer(prediction).split()
+    ground_truth_tokens = _squad_normalize_answer(ground_truth).split()
+    common = Counter(prediction_tokens) & Counter(ground_truth_tokens)
+    num_same = sum(common.values())
+    if num_same == 0:
+        return 0
+    precision = 1.0 * num_same / len(prediction_tokens)
+    recall = 1.0 * num_same / len(ground_truth_tokens)
+    return (2 * precision * recall) / (precision + recall)
+
+
+def _squad_max(metric_fn, prediction, ground_truths):
+    return max(metric_fn(prediction, gt) for gt in ground_truths)
+
+
+def test_exact_match_and_f1_equal_the_squad_script_on_ascii():
+    rng = np.random.default_rng(0)
+    words = ["the", "a", "an", "Paris", "paris", "New", "York", "city", "of", "1,000", "U.S.", "Mr.", "don't", "(x)",
+             "Bob's", "two", "2", "-", "The"]
+    for _ in range(400):
+        pred = " ".join(rng.choice(words, int(rng.integers(1, 6))))
+        golds = [" ".join(rng.choice(words, int(rng.integers(1, 5)))) for _ in range(int(rng.integers(1, 4)))]
+        if not _squad_normalize_answer(pred) and any(not _squad_normalize_answer(g) for g in golds):
+            continue  # both empty after normalisation: llmmem gives F1 1 (as SQuAD v2), v1.1 gives 0
+        assert M.normalize_answer(pred) == _squad_normalize_answer(pred)
+        assert M.exact_match(pred, golds) == float(_squad_max(
+            lambda p, g: _squad_normalize_answer(p) == _squad_normalize_answer(g), pred, golds))
+        assert M.token_f1(pred, golds) == pytest.approx(_squad_max(_squad_f1, pred, golds), abs=1e-12)
+
+
+def test_bleu4_equals_nltk_sentence_bleu_without_smoothing():
+    bleu_score = pytest.importorskip("nltk.translate.bleu_score")
+    rng = np.random.default_rng(1)
+    import warnings
+
+    for _ in range(300):
+        ref = rng.integers(0, 6, int(rng.integers(1, 40))).tolist()
+        cand = [t if rng.uniform() < 0.7 else int(rng.integers(0, 6)) for t in ref][: int(rng.integers(1, 45))]
+        cand += rng.integers(0, 6, int(rng.integers(0, 5))).tolist()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NLTK warns when an n-gram order has no overlap (BLEU = 0)
+            ref_value = bleu_score.sentence_bleu([ref], cand)
+        assert M.bleu4(cand, ref) == pytest.approx(ref_value, abs=1e-12), (cand, ref)
