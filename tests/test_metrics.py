@@ -275,3 +275,17 @@ def test_bleu4_equals_nltk_sentence_bleu_without_smoothing():
             warnings.simplefilter("ignore")  # NLTK warns when an n-gram order has no overlap (BLEU = 0)
             ref_value = bleu_score.sentence_bleu([ref], cand)
         assert M.bleu4(cand, ref) == pytest.approx(ref_value, abs=1e-12), (cand, ref)
+
+
+def test_bleu4_equals_sacrebleu_without_smoothing_or_effective_order():
+    bleu_mod = pytest.importorskip("sacrebleu.metrics")
+    import logging
+
+    logging.getLogger("sacrebleu").setLevel(logging.ERROR)  # it recommends effective_order for sentences
+    bleu = bleu_mod.BLEU(smooth_method="none", tokenize="none", effective_order=False)
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        ref = rng.integers(0, 6, int(rng.integers(1, 40))).tolist()
+        cand = [t if rng.uniform() < 0.7 else int(rng.integers(0, 6)) for t in ref][: int(rng.integers(1, 45))]
+        value = bleu.sentence_score(" ".join(map(str, cand)), [" ".join(map(str, ref))]).score / 100
+        assert M.bleu4(cand, ref) == pytest.approx(value, abs=1e-9), (cand, ref)
