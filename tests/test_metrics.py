@@ -116,7 +116,7 @@ def _score_sets(rng, kind, n_mem, n_non):
 def test_roc_curve_auc_and_tpr_equal_sklearn_and_mimir(kind):
     sklearn_metrics = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng({"continuous": 0, "tied": 1, "rounded": 2}[kind])
-    for _ in range(40):
+    for _ in range(15):
         n_mem, n_non = (int(x) for x in rng.integers(1, 400, 2))
         mem, non = _score_sets(rng, kind, n_mem, n_non)
         labels = np.r_[np.ones(n_mem, int), np.zeros(n_non, int)]
