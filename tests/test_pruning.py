@@ -108,7 +108,7 @@ def test_owl_targets_and_global_sparsity():
 
 
 def test_owl_from_ratios_recentres_weighted():
-    t = owl_from_ratios([0.01, 0.02, 0.05], 0.5, 0.08, sizes=[1, 1, 2])
+    t = owl_from_ratios([0.01, 0.02, 0.05], 0.5, 0.08, sizes=[1, 1, 2], mean="weighted")
     dens = 1 - np.array(t)
     assert np.average(dens, weights=[1, 1, 2]) == pytest.approx(0.5)
     assert t[2] < t[0]  # more outliers, less pruning

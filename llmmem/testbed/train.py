@@ -248,8 +248,16 @@ def _jsonl(rows) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def write_tasks(world: World, out: Path) -> None:
-    """Task YAML + jsonl for llmmem's suites, under ``out/tasks``."""
+def write_tasks(world: World, out: Path, exposure_alternatives: int | None = None) -> None:
+    """Task YAML + jsonl for llmmem's suites, under ``out/tasks``.
+
+    The canary task declares its secret space (``alphabet``, ``length``, ``separator`` under
+    ``options.exposure``: ``secret_digits`` digits joined by spaces, as ``world.py`` writes them) and scores
+    each secret against ``exposure_alternatives`` others (default :data:`llmmem.exposure.DEFAULT_ALTERNATIVES`).
+    """
+    from llmmem.exposure import DEFAULT_ALTERNATIVES
+
+    n_alt = DEFAULT_ALTERNATIVES if exposure_alternatives is None else int(exposure_alternatives)
     t = out / "tasks"
     e = world.eval_sets
     gen = "generation_kwargs: {max_gen_toks: 4, until: [\".\"]}\n"
@@ -262,13 +270,15 @@ def write_tasks(world: World, out: Path) -> None:
            "doc_to_target: '{{answer}}'\n" + gen + "metric_list: [exact_match]\nbucket_by: count\nmetadata: {version: 1}\n")
     _write(t / "testbed_canaries.jsonl", _jsonl(e["canaries"]))
     digits = "['0','1','2','3','4','5','6','7','8','9']"
+    n_digits = world.config.secret_digits
     _write(t / "testbed_canaries.yaml",
-           "task: testbed_canaries\nsuite: extraction\ndescription: Testbed canary extraction (10-digit secrets) and "
-           "exposure, bucketed by duplication count (heldout = never trained).\ndata: testbed_canaries.jsonl\n"
-           "bucket_by: group\nmetric_list: [extractable, token_match, prefix_match, tf_accuracy, suffix_nll]\n"
-           f"options:\n  prefix_tokens: 8\n  suffix_tokens: {world.config.secret_digits}\n  text_field: text\n"
-           f"  exposure: {{prefix_field: prefix, secret_field: secret, alphabet: {digits}, separator: ' ', "
-           "n_alternatives: 200}\nmetadata: {version: 1}\n")
+           "task: testbed_canaries\nsuite: extraction\ndescription: Testbed canary extraction "
+           f"({n_digits}-digit secrets) and exposure, bucketed by duplication count (heldout = never trained).\n"
+           "data: testbed_canaries.jsonl\nbucket_by: group\n"
+           "metric_list: [extractable, token_match, prefix_match, tf_accuracy, suffix_nll]\n"
+           f"options:\n  prefix_tokens: 8\n  suffix_tokens: {n_digits}\n  text_field: text\n"
+           f"  exposure: {{prefix_field: prefix, secret_field: secret, alphabet: {digits}, length: {n_digits}, "
+           f"separator: ' ', n_alternatives: {n_alt}}}\nmetadata: {{version: 2}}\n")
     _write(t / "testbed_mia.jsonl", _jsonl(e["canaries"]))
     _write(t / "testbed_mia.yaml",
            "task: testbed_mia\nsuite: mia\ndescription: Testbed membership inference - trained canaries (members) vs "
@@ -316,5 +326,6 @@ def build_testbed(output: str | Path, preset: str = "small", seed: int = 0, over
         extra = {"preset": preset, "train": {k: v for k, v in asdict(cfg).items() if k != "world"},
                  "excluded_canaries": sorted(exclude or []), "training": info}
         (tmp / "world.json").write_text(world_json(world, extra))
-        write_tasks(world, tmp)
+        # tiny is a test fixture: 200 alternatives keep its exposure pass short (noise: llmmem/exposure.py)
+        write_tasks(world, tmp, exposure_alternatives=200 if preset == "tiny" else None)
     return out
