@@ -98,38 +98,7 @@ def bleu4(candidate: Sequence, reference: Sequence) -> float:
     return bp * math.exp(log_p)
 
 
-# ----------------------------------------------------------------------------- exposure
-# The suites use llmmem.exposure (declared secret space, exact enumeration or a sample with its interval).
-# exposure_extrapolated stays only for unlearning/runner.py until its tracker moves to llmmem.exposure.
-def exposure_from_rank(rank: int, space_size: float) -> float:
-    """Carlini et al. 2019: exposure = log2 |R| - log2 rank (rank 1 = the most likely secret)."""
-    return math.log2(space_size) - math.log2(rank)
-
-
-def exposure_extrapolated(true_score: float, sample_scores: Sequence[float], space_size: float) -> dict:
-    """Legacy (see :func:`llmmem.exposure.exposure`): exposure from sampled alternatives' log-perplexities.
-
-    The empirical rank among the sample gives exposure directly when the sample resolves it; when the
-    true secret beats every sampled one, the rank is extrapolated from a skew-normal fit to the
-    sample (Carlini et al. 2019, section 4.2): exposure = -log2 F(true_score).
-    """
-    s = np.asarray(sample_scores, dtype=np.float64)
-    below = int((s < true_score).sum())
-    frac = (below + 1) / (len(s) + 1)
-    empirical = -math.log2(frac)
-    out = {"exposure_empirical": empirical, "rank_fraction": frac}
-    if below == 0:
-        from scipy import stats
-
-        a, loc, scale = stats.skewnorm.fit(s)
-        cdf = float(stats.skewnorm.cdf(true_score, a, loc, scale))
-        cdf = max(cdf, 1.0 / space_size)
-        out["exposure"] = min(-math.log2(cdf), math.log2(space_size))
-        out["extrapolated"] = True
-    else:
-        out["exposure"] = empirical
-        out["extrapolated"] = False
-    return out
+# Exposure (Carlini et al. 2019) lives in llmmem.exposure: a declared secret space, exact or sampled.
 
 
 # ----------------------------------------------------------------------------- membership inference

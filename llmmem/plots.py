@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from llmmem.config import ConfigError
-from llmmem.report import FAMILY, base_of, chance_of, dense_of, groups_of, load_run, ratio_with_se, task_metrics
+from llmmem.report import FAMILY, base_of, family_tasks, groups_of, load_run, retention_of, task_metrics
+from llmmem.stats import family_retention
 
 FAMILY_COLORS = {"recall": "#c0392b", "icl": "#2471a3", "extraction": "#7d3c98", "mia": "#7f8c8d"}
 
@@ -97,11 +98,10 @@ def _points(cells, gcells, series, task, metric, normalised):
         if m is None:
             continue
         if normalised:
-            d = dense_of(cells, c)
-            if d is None:
-                continue
-            dres = d["doc"]["metrics"].get(task, {})
-            m, se = ratio_with_se(m, se, dres.get(metric), dres.get(f"{metric}_stderr"), chance_of(c["doc"], task, metric))
+            r = retention_of(cells, c, task, metric)
+            if not r["defined"]:
+                continue  # undefined retention is a gap, never a number
+            m, se = r["value"], r["stderr"]
         if m is None or math.isnan(m):
             continue
         x = members[0]["x_base"] if c is base else c["x"]
@@ -152,20 +152,23 @@ def headline(cells, out: Path) -> list[Path]:
                 if x not in tm and x[1] != "parametric" and x[2] in ("recall", "icl", "extraction"):
                     tm.append(x)
         for ax, series in zip(axes[0], series_list):
+            members = [c for c in gcells if c["series"] == series]
+            base = base_of(cells, members[0])
             for fam in ("recall", "icl", "extraction"):
-                fam_tasks = [(t, m) for t, m, s in tm if s == fam]
-                if not fam_tasks:
+                pairs = [(t, m) for t, m, s in tm if s == fam]
+                if not pairs:
                     continue
-                curves = [dict((x, (v, se)) for x, v, se in _points(cells, gcells, series, t, m, True))
-                          for t, m in fam_tasks]
-                curves = [s for s in curves if s]  # tasks the dense model cannot do (at chance) drop out
-                xs = sorted(set.intersection(*[set(s) for s in curves])) if curves else []
-                if not xs:
+                pts, used = [], set()
+                for c in ([base] if base is not None else []) + members:
+                    r = family_retention(family_tasks(cells, c, pairs), seed=0)
+                    if r["defined"]:  # a family the dense model cannot do is a gap, never a number
+                        pts.append((members[0]["x_base"] if c is base else c["x"], r["value"], r["stderr"]))
+                        used.update(r["tasks"])
+                if not pts:
                     continue
-                ys = [sum(s[x][0] for s in curves) / len(curves) for x in xs]
-                es = [math.sqrt(sum(s[x][1] ** 2 for s in curves)) / len(curves) for x in xs]
-                _band(ax, xs, ys, es, f"{FAMILY[fam]} ({len(curves)} task{'s' * (len(curves) > 1)})",
-                      color=FAMILY_COLORS[fam])
+                pts.sort()
+                _band(ax, [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts],
+                      f"{FAMILY[fam]} ({len(used)} task{'s' * (len(used) > 1)})", color=FAMILY_COLORS[fam])
             ax.axhline(1.0, color="grey", lw=0.8, ls=":")
             ax.set_title(series)
             ax.set_xlabel(_axis(gcells, series))

@@ -50,19 +50,42 @@ FAMILY = {"recall": "closed-book recall", "icl": "in-context learning", "extract
           "mia": "membership inference"}
 
 
-def ratio_with_se(m, se_m, d, se_d, chance: float = 0.0):
-    """Retention (m - chance) / (d - chance) and its delta-method standard error (independent estimates).
+def samples_of(cell: dict, task: str) -> list[dict] | None:
+    """A cell's per-doc rows of a task (``samples_<task>.jsonl``), read once and kept on the record."""
+    from pathlib import Path
 
-    NaN when the dense value is not above chance: a task the dense model cannot do says nothing about
-    what pruning removes."""
-    if d is None or m is None or (isinstance(d, float) and math.isnan(d)):
-        return float("nan"), float("nan")
-    m, d = m - chance, d - chance
-    if d <= 1e-12:
-        return float("nan"), float("nan")
-    se_m = 0.0 if se_m is None or (isinstance(se_m, float) and math.isnan(se_m)) else se_m
-    se_d = 0.0 if se_d is None or (isinstance(se_d, float) and math.isnan(se_d)) else se_d
-    return m / d, math.sqrt((se_m / d) ** 2 + (m * se_d / d ** 2) ** 2)
+    from llmmem.results import read_jsonl_tolerant, safe_name
+
+    cache = cell.setdefault("_samples", {})
+    if task not in cache:
+        p = Path(cell["run_dir"]) / cell["path"] / f"samples_{safe_name(task)}.jsonl"
+        cache[task] = read_jsonl_tolerant(p) if p.is_file() else None
+    return cache[task]
+
+
+def retention_of(cells: list[dict], cell: dict, task: str, metric: str) -> dict:
+    """Chance-corrected retention of ``metric`` in ``cell`` against its dense cell, by a paired bootstrap over
+    docs (``llmmem.stats.retention``); undefined, with the reason, near chance or without per-doc values."""
+    from llmmem.stats import retention
+
+    d = dense_of(cells, cell)
+    if d is None:
+        return {"value": None, "defined": False, "reason": "no dense cell"}
+    rows, drows = samples_of(cell, task), samples_of(d, task)
+    if not rows or not drows or not any(r.get(metric) is not None for r in rows):
+        return {"value": None, "defined": False, "reason": f"{metric} has no per-doc values"}
+    return retention(rows, drows, metric, chance_of(cell["doc"], task, metric), seed=0)
+
+
+def family_tasks(cells: list[dict], cell: dict, pairs: list[tuple[str, str]]) -> dict:
+    """The mapping ``llmmem.stats.family_retention`` takes, for a family's (task, metric) pairs."""
+    d = dense_of(cells, cell)
+    out = {}
+    for task, metric in pairs:
+        rows, drows = samples_of(cell, task), (samples_of(d, task) if d else None)
+        if rows and drows and any(r.get(metric) is not None for r in rows):
+            out[task] = {"cell": rows, "dense": drows, "metric": metric, "chance": chance_of(cell["doc"], task, metric)}
+    return out
 
 
 def load_run(run_dir) -> list[dict]:
@@ -85,7 +108,7 @@ def load_run(run_dir) -> list[dict]:
         last = steps[-1] if steps else None
         series = " -> ".join([s["label"] for s in steps[:-1]] + ([last["series"]] if last else [])) or "dense"
         cells.append({
-            "path": rel, "doc": doc,
+            "path": rel, "doc": doc, "run_dir": str(run_dir),
             "model": (doc.get("model") or {}).get("name") or rel.split("/")[0],
             "seed": (doc.get("seeds") or {}).get("seed", 0),
             "label": (doc.get("cell") or {}).get("label") or "dense",
@@ -182,10 +205,12 @@ def _group_tables(model: str, tag: str, mcells: list[dict], cells: list[dict]) -
             if tm not in rows:
                 rows.append(tm)
     seeds = len({x["seed"] for x in mcells}) > 1
+    undefined: dict = {}
     for title, normalised in (("absolute", False), ("normalised to dense", True)):
         lines += [f"## {model}{tag} — {title}", ""]
         if normalised:
-            lines += ["(metric - chance) / (dense - chance); '-' where the dense model is not above chance", ""]
+            lines += ["(metric - chance) / (dense - chance) ± its standard error, from a paired bootstrap over docs "
+                      "(llmmem.stats.retention); '-' where it is undefined (reasons below the table)", ""]
         lines.append("| task | metric | " + " | ".join(c["label"] + (f" (seed {c['seed']})" if seeds else "")
                                                     for c in mcells) + " |")
         lines.append("|---|---|" + "---:|" * len(mcells))
@@ -198,15 +223,19 @@ def _group_tables(model: str, tag: str, mcells: list[dict], cells: list[dict]) -
                     vals.append("-")
                     continue
                 if normalised:
-                    d = dense_of(cells, c)
-                    dres = d["doc"]["metrics"].get(task, {}) if d else {}
-                    r, rse = ratio_with_se(m, se, dres.get(metric), dres.get(f"{metric}_stderr"),
-                                           chance_of(c["doc"], task, metric))
-                    vals.append("-" if math.isnan(r) else f"{r:.2f} ± {_fmt(rse, 2)}")
+                    r = retention_of(cells, c, task, metric)
+                    if r["defined"]:
+                        vals.append(f"{r['value']:.2f} ± {_fmt(r['stderr'], 2)}")
+                    else:
+                        vals.append("-")
+                        undefined.setdefault((task, metric), r["reason"])
                 else:
                     vals.append(f"{m:.3f} ± {_fmt(se, 3)}")
             lines.append(f"| {task} | {metric} | " + " | ".join(vals) + " |")
         lines.append("")
+        if normalised and undefined:
+            lines += [f"- retention of {t} {m} undefined: {why}" for (t, m), why in undefined.items()] + [""]
+    lines += recall_vs_icl(cells, mcells)
     pruned = [c for c in mcells if c["doc"].get("pruning")]
     if pruned:
         lines.append("measured sparsity: " + ", ".join(f"{c['label']}={c['measured_sparsity']:.3f}" for c in pruned))
@@ -217,6 +246,36 @@ def _group_tables(model: str, tag: str, mcells: list[dict], cells: list[dict]) -
     if warned:
         lines.append("")
     return lines
+
+
+def recall_vs_icl(cells: list[dict], mcells: list[dict]) -> list[str]:
+    """The headline's claim in words: at each point of each series, is closed-book retention below in-context
+    retention? (``llmmem.stats.retention_difference_test``: paired bootstrap within each task, one-sided p.)"""
+    from llmmem.stats import retention_difference_test
+
+    fams: dict = {"recall": [], "icl": []}
+    for c in mcells:
+        for task, metric, suite in task_metrics(c["doc"]):
+            if suite in fams and metric != "parametric" and (task, metric) not in fams[suite]:
+                fams[suite].append((task, metric))
+    if not fams["recall"] or not fams["icl"]:
+        return []
+    out = ["### closed-book recall vs in-context learning", "",
+           "Retention difference (closed-book - in-context), 95% interval, one-sided p for closed-book < in-context; "
+           "paired bootstrap over docs within each task.", "",
+           "| cell | closed-book | in-context | difference [95% CI] | p | closed-book below? |", "|---|---:|---:|---|---:|---|"]
+    for c in mcells:
+        if c["kind"] == "dense":
+            continue
+        t = retention_difference_test(family_tasks(cells, c, fams["recall"]), family_tasks(cells, c, fams["icl"]),
+                                      seed=0)
+        if not t["defined"]:
+            out.append(f"| {c['label']} | - | - | undefined: {t['reason']} | - | - |")
+            continue
+        below = "yes" if t["p_value"] < 0.05 else "no"
+        out.append(f"| {c['label']} | {t['closed_book']['value']:.2f} | {t['in_context']['value']:.2f} | "
+                   f"{t['difference']:+.2f} [{t['ci_low']:+.2f}, {t['ci_high']:+.2f}] | {t['p_value']:.3f} | {below} |")
+    return out + [""]
 
 
 def raise_empty(run_dir):

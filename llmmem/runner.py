@@ -177,7 +177,7 @@ def _tracking_hooks(session: Session, cell: Cell, celldir: CellDir | None, holde
         forget, retain, nonmember = load_sets(spec, session.include_path)
         utility = resolve_tasks(spec.utility_tasks, session.include_path) if spec.utility_tasks else []
         tracker = Tracker(session.backend("hf"), spec, forget, retain, nonmember, utility, cell.seed,
-                          curves_path=celldir.path / "curves.jsonl")
+                          curves_path=celldir.path / "curves.jsonl", include_path=session.include_path)
         holder["tracker"] = tracker
         return {"unlearn_eval": tracker}
 

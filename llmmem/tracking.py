@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from llmmem.backends.base import GenerateRequest, LoglikelihoodRequest
-from llmmem.metrics import aggregate, exposure_extrapolated, mia_min_k, roc_auc, token_match_fraction
+from llmmem.exposure import exposure
+from llmmem.metrics import PRIVLEAK_MIN_K, aggregate, mia_min_k, privleak, privleak_auc, roc_auc, token_match_fraction
 from llmmem.unlearning.data import Example, tokenize
-from llmmem.unlearning.spec import UnlearnSpec
+from llmmem.unlearning.spec import UnlearnSpec, secret_space
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class Tracker:
     """Measures forget / retain / never-seen examples and utility tasks on the backend's (live) model."""
 
     def __init__(self, backend, spec: UnlearnSpec, forget, retain, nonmember, utility_tasks, seed: int,
-                 curves_path: Path | None = None):
+                 curves_path: Path | None = None, include_path: str | None = None):
         self.backend = backend
         self.spec = spec
         rng = random.Random(seed)
@@ -43,19 +44,12 @@ class Tracker:
         self.utility_tasks = utility_tasks
         self.curves_path = curves_path
         self.alternatives = {}
-        for e in forget + self.nonmember:
-            if e.secret:
-                parts = e.secret.split(" ")
-                alphabet = list("0123456789") if all(p.isdigit() for p in parts) else sorted(set(parts))
-                r = random.Random(f"{seed}:{e.id}")
-                space = len(alphabet) ** len(parts)
-                n_alt = min(spec.exposure_alternatives, space - 1)
-                alts: set = set()
-                while len(alts) < n_alt:
-                    cand = " ".join(r.choice(alphabet) for _ in parts)
-                    if cand != e.secret:
-                        alts.add(cand)
-                self.alternatives[e.id] = (sorted(alts), space)
+        canaries = [e for e in forget + self.nonmember if e.secret]
+        self.space = secret_space(spec, include_path, [e.secret for e in canaries])
+        for e in canaries:  # the same alternatives at every evaluation
+            alts = self.space.alternatives(e.secret, spec.exposure_alternatives, f"{seed}:{e.id}")
+            self.alternatives[e.id] = (alts, self.space.size_for(e.secret),
+                                       self.space.is_exact(e.secret, spec.exposure_alternatives))
         self.rows: list[dict] = []
         self.utility: list[dict] = []
 
@@ -73,20 +67,23 @@ class Tracker:
             got = g.token_ids[: len(e.suffix_ids)]
             rows.append({"step": step, "set": set_name, "id": e.id, "group": e.group, "dup": e.dup,
                          "extractable": float(got == e.suffix_ids), "token_match": token_match_fraction(got, e.suffix_ids),
-                         "loss": -ll.logprob / ll.n_tokens, "min_k": mia_min_k(fl.token_logprobs, self.spec.min_k)})
+                         "loss": -ll.logprob / ll.n_tokens, "min_k": mia_min_k(fl.token_logprobs, self.spec.min_k),
+                         "min_k_privleak": mia_min_k(fl.token_logprobs, PRIVLEAK_MIN_K)})
         canaries = [(i, e) for i, e in enumerate(examples) if e.id in self.alternatives]
         if canaries:
             reqs, spans = [], []
             for i, e in canaries:
-                alts, space = self.alternatives[e.id]
-                spans.append((i, len(reqs), len(alts), space))
+                alts, space, exact = self.alternatives[e.id]
+                spans.append((i, len(reqs), len(alts), space, exact))
                 for s in [e.secret, *alts]:
                     reqs.append(LoglikelihoodRequest(context_ids=e.prefix_ids,
                                                      continuation_ids=b.encode(" " + s, add_special_tokens=False)))
             res = b.loglikelihood(reqs)
-            for i, start, n, space in spans:
+            for i, start, n, space, exact in spans:
                 scores = [-r.logprob for r in res[start:start + n + 1]]
-                rows[i]["exposure"] = exposure_extrapolated(scores[0], scores[1:], space)["exposure"]
+                ex = exposure(scores[0], scores[1:], space, exact=exact)
+                rows[i].update(exposure=ex["exposure"], exposure_low=ex["exposure_low"],
+                               exposure_high=ex["exposure_high"], exposure_method=ex["method"])
         return rows
 
     def __call__(self, step: int, model) -> None:
@@ -197,7 +194,11 @@ def steps_to_forget(rows: list[dict], forget_ids: list[str]) -> dict:
 
 
 def compare_with_reference(backend, ref_backend, tracker: Tracker) -> dict:
-    """Exposure and loss-MIA AUC of the forget set (vs never-seen) for the unlearned and the retrained model."""
+    """The unlearned model against the model retrained without the forget set (the gold standard), on the
+    forget set and the never-seen (holdout) examples: forget loss, exposure, loss-attack AUC, and MUSE's
+    PrivLeak (Min-K% with k = 0.4, AUC with forget labelled 0 and holdout 1 as open-unlearning's
+    ``privleak``; ``((1 - AUC_u) - (1 - AUC_r)) / (1 - AUC_r) * 100``: 0 = as private as retraining,
+    negative = the forget set is still distinguishable, positive = over-unlearned)."""
     out = {}
     for name, b in (("unlearned", backend), ("retrained", ref_backend)):
         saved = tracker.backend
@@ -210,7 +211,11 @@ def compare_with_reference(backend, ref_backend, tracker: Tracker) -> dict:
         out[name] = {"forget_loss": float(np.mean([r["loss"] for r in f])),
                      "exposure": float(np.mean([r["exposure"] for r in f if "exposure" in r]))
                      if any("exposure" in r for r in f) else None,
-                     "loss_auc": roc_auc([r["loss"] for r in f], [r["loss"] for r in n]) if n else None}
+                     "loss_auc": roc_auc([r["loss"] for r in f], [r["loss"] for r in n]) if n else None,
+                     "privleak_auc": privleak_auc([r["min_k_privleak"] for r in f], [r["min_k_privleak"] for r in n])
+                     if n else None}
     u, r = out["unlearned"]["loss_auc"], out["retrained"]["loss_auc"]
     out["loss_auc_gap"] = (u - r) if u is not None and r is not None else None
+    pu, pr = out["unlearned"]["privleak_auc"], out["retrained"]["privleak_auc"]
+    out["privleak"] = privleak(pu, pr) if pu is not None and pr is not None else None
     return out

@@ -104,6 +104,9 @@ def test_reference_model_comparison(tmp_path, tiny_testbed):
     # the reference here is the same model before unlearning: its forget loss is the dense one, lower
     assert ref["retrained"]["forget_loss"] < ref["unlearned"]["forget_loss"]
     assert ref["loss_auc_gap"] == pytest.approx(ref["unlearned"]["loss_auc"] - ref["retrained"]["loss_auc"])
+    # MUSE PrivLeak from the two Min-40% AUCs (forget labelled 0, holdout 1), in percent
+    au, ar = ref["unlearned"]["privleak_auc"], ref["retrained"]["privleak_auc"]
+    assert ref["privleak"] == pytest.approx(((1 - au) - (1 - ar)) / (1 - ar + 1e-10) * 100)
 
 
 def _bad(capsys, args, *needles):

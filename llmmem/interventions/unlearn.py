@@ -37,7 +37,10 @@ class Unlearn(Intervention):
         return spec.method
 
     def prepare(self, spec: UnlearnSpec, env: PrepareEnv) -> None:
-        load_sets(spec, env.include_path)
+        from llmmem.unlearning.spec import secret_space
+
+        forget, _, nonmember = load_sets(spec, env.include_path)
+        secret_space(spec, env.include_path, [e.secret for e in forget + nonmember if e.secret])
 
     def apply(self, model, spec: UnlearnSpec, ctx: Context) -> dict:
         from llmmem.unlearning.loop import unlearn

@@ -28,7 +28,7 @@ TRAINING_KEYS = ("method", "method_args", "forget", "forget_ids", "forget_filter
                  "lr", "batch_size", "grad_accum", "weight_decay", "warmup_steps", "schedule", "grad_clip",
                  "gradient_checkpointing")
 TRACKING_KEYS = ("nonmember", "nonmember_filter", "eval_every", "utility_tasks", "utility_limit", "reference_model",
-                 "grad_norm_steps", "exposure_alternatives", "min_k")
+                 "grad_norm_steps", "exposure_alternatives", "secret_format", "min_k")
 
 
 def _filter(key: str, value) -> dict:
@@ -78,7 +78,8 @@ class UnlearnSpec:
     utility_limit: int | None = 200
     reference_model: str | None = None
     grad_norm_steps: int = 5
-    exposure_alternatives: int = 100
+    exposure_alternatives: int = 200  # per canary and evaluation; each exposure carries its interval
+    secret_format: dict | None = None  # alphabet / length / separator of the canaries' secrets (else the task's)
     min_k: float = 0.2
 
     def __post_init__(self):
@@ -127,6 +128,10 @@ class UnlearnSpec:
             self.utility_limit = parse_positive_int("utility_limit", self.utility_limit)
         self.grad_norm_steps = parse_int("grad_norm_steps", self.grad_norm_steps, minimum=0)
         self.exposure_alternatives = parse_positive_int("exposure_alternatives", self.exposure_alternatives)
+        if self.secret_format is not None:
+            from llmmem.exposure import SecretSpace
+
+            SecretSpace.from_options(self.secret_format, where="secret_format")
         self.min_k = parse_float("min_k", self.min_k, low=0.0, high=1.0, low_open=True)
         if self.retain is None and self.method_needs_retain():
             raise ConfigError(f"method={self.method} needs a retain set: give retain (a task name or a .jsonl file)")
@@ -176,3 +181,30 @@ def load_unlearn_config(path: str | None, overrides: list[str] | None = None, **
     seed = parse_int("seed", doc.pop("seed", 0), minimum=0)
     description = str(doc.pop("description", "") or "")
     return UnlearnConfig(model, unlearn_spec_from(doc), output, seed, description)
+
+
+def secret_space(spec: UnlearnSpec, include_path: str | None, secrets: list[str]):
+    """The canaries' secret space: ``secret_format`` if given, else the forget task's declared
+    ``options.exposure``, else ten digits when every secret is space-separated digits; otherwise an error
+    (exposure needs the space the secrets were drawn from, never one guessed from the secrets' own symbols).
+    The alternatives budget is checked against it."""
+    from llmmem.exposure import DIGITS, SecretSpace
+
+    if not secrets:
+        return None
+    options = spec.secret_format
+    if options is None and not spec.forget.endswith(".jsonl"):
+        from llmmem.tasks import get_task
+
+        options = get_task(spec.forget, include_path).options.get("exposure")
+    if options is not None:
+        space = SecretSpace.from_options(options, where="secret_format")
+    elif all(p in DIGITS for s in secrets for p in s.split(" ")):
+        space = SecretSpace(DIGITS, None, " ")
+    else:
+        raise ConfigError(f"the forget set's secrets are not space-separated digits; declare their space with "
+                          f"secret_format: {{alphabet: [...], length: N, separator: ' '}} (e.g. {secrets[0]!r})")
+    for s in secrets:
+        space.check(s, "secret")
+        space.check_budget(spec.exposure_alternatives, s, key="exposure_alternatives")
+    return space
