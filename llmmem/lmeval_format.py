@@ -392,16 +392,25 @@ def sample_records(rows: list[dict], *, suite: str, metrics: list[str], task=Non
     lm-eval's evaluator builds them (``arguments`` a list of request tuples, raw responses).
 
     ``metrics``: the task's metric names (:func:`metric_names` of its llmmem metrics). ``docs``: the task's
-    docs in row order (``task.docs(limit=...)``) for ``doc``; without them ``doc`` holds the row's own fields.
+    docs (``task.docs(limit=...)``), matched to rows by ``task.doc_id`` when ``task`` is given (else by
+    position), for ``doc``; without them ``doc`` holds the row's own fields.
     ``task``: the llmmem Task, for generation settings and texts of membership-inference docs.
     ``lm_eval:`` tasks: write lm-eval's own samples (``simple_evaluate(...)["samples"]``) instead."""
-    if docs is not None and len(docs) != len(rows):
-        raise ValueError(f"{len(docs)} docs for {len(rows)} rows")
+    if task is not None and docs is not None:  # rows carry task.doc_id(doc) as "id" (extraction skips short docs)
+        index = {task.doc_id(d): d for d in docs}
+        matched = [index.get(str(row.get("id"))) for row in rows]
+    elif docs is not None:
+        if len(docs) != len(rows):
+            raise ValueError(f"{len(docs)} docs for {len(rows)} rows (give the task to match them by id)")
+        matched = list(docs)
+    else:
+        matched = [None] * len(rows)
     gen = _gen_kwargs(task) if task is not None else {}
     out = []
     for i, row in enumerate(rows):
-        doc = _clean_doc(docs[i]) if docs is not None else {k: v for k, v in row.items()
-                                                          if k not in metrics and k not in _ROW_ONLY}
+        src = matched[i]
+        doc = _clean_doc(src) if src is not None else {k: v for k, v in row.items()
+                                                       if k not in metrics and k not in _ROW_ONLY}
         response = row.get("response")
         if suite in ("recall", "icl"):
             target = row.get("target", "")
@@ -416,9 +425,8 @@ def sample_records(rows: list[dict], *, suite: str, metrics: list[str], task=Non
             filtered = [response, [row.get("suffix_logprob"), greedy]]
         elif suite == "mia":
             target = row.get("label")
-            text = ""
-            if docs is not None:
-                text = str(docs[i].get((task.options if task is not None else {}).get("text_field", "text"), ""))
+            field = (task.options if task is not None else {}).get("text_field", "text")
+            text = str(src.get(field, "")) if src is not None else ""
             n_tok, loss = row.get("n_tokens"), row.get("loss")
             logprob = -loss * n_tok if _finite(loss) and _finite(n_tok) else None
             arguments = [("", text)]

@@ -65,7 +65,7 @@ def _records(cell):
     out = {}
     for name, r in cell["results"].items():
         out[name] = sample_records(r.rows, suite=r.suite, metrics=metric_names(r.metrics), task=cell["tasks"][name],
-                                   docs=cell["docs"][name] if r.suite != "extraction" else None)
+                                   docs=cell["docs"][name])
     return out
 
 
@@ -160,6 +160,8 @@ def test_samples_jsonl_is_what_lm_evals_tracker_writes(cell, tmp_path):
     assert set(first["arguments"]["gen_args_0"]) == {"arg_0", "arg_1"}
     assert first["arguments"]["gen_args_0"]["arg_1"]["until"] == ["\n"]
     assert first["doc"]["country"] and first["filter"] == "none" and first["metrics"] == ["exact_match", "f1"]
+    passage = records["famous_passages"][0]  # extraction skips short passages: docs are matched by id
+    assert passage["llmmem"]["id"] == cell["results"]["famous_passages"].rows[0]["id"] and passage["doc"]["text"]
 
 
 def test_datasets_loads_our_samples(cell, tmp_path):
