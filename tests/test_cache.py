@@ -173,6 +173,13 @@ def test_passes_through_what_suites_and_sweeps_use(tmp_path, llama_dir):
     assert cb.encode("The capital") == inner.encode("The capital") and cb.decode([5, 6]) == inner.decode([5, 6])
     assert not hasattr(cb, "update_weights")  # as the HF backend: a sweep must not push weights to it
     assert isinstance(cb, Backend)
+    # the fingerprint hashes files: a bfloat16 load of the same checkpoint must not share float32 answers
+    import torch
+
+    req = LoglikelihoodRequest(context="The capital", continuation=" of France")
+    assert cb.settings["dtype"] == "float32" and cb.settings["device"] == "cpu"
+    lm.model.to(torch.bfloat16)
+    assert CachingBackend(HFBackend(lm), tmp_path, "fp+dense").key("loglikelihood", req) != cb.key("loglikelihood", req)
 
 
 # ----------------------------------------------------------------------------- batching, order, keys

@@ -8,8 +8,8 @@ A cached answer is keyed by
   what lm-evaluation-harness's ``--use_cache`` does, keyed on the request only);
 * the request: every field of the request dataclass, token ids included, so generation settings
   (``max_gen_toks``, ``until``, sampling, seed) are part of the key;
-* the backend's own settings that change answers: backend name, maximum length, stop token ids and a
-  hash of the tokenizer (text requests are tokenized by the backend).
+* the backend's own settings that change answers: backend name, maximum length, stop token ids, a hash
+  of the tokenizer (text requests are tokenized by the backend), the model's dtype and device type.
 
 Sampling requests without a seed are never cached (each call must draw anew). One sqlite file per
 cache directory, in WAL mode with a busy timeout, so several processes (a sweep and an ``eval``, two
@@ -94,11 +94,20 @@ def tokenizer_fingerprint(tok) -> str | None:
 
 
 def backend_settings(inner) -> dict:
-    """What besides the weights and the request changes a backend's answers."""
+    """What besides the weights and the request changes a backend's answers: backend, truncation length, stop
+    ids, tokenizer, and the dtype and device the model runs in (the checkpoint fingerprint is the same for a
+    float32 and a bfloat16 load)."""
     eos = getattr(inner, "eos_ids", None)
+    spec = getattr(getattr(inner, "lm", None), "spec", None)
+    dtype, device = getattr(spec, "dtype", None), getattr(spec, "device", None)
+    try:
+        param = next(inner.model.parameters())
+        dtype, device = str(param.dtype).replace("torch.", ""), param.device.type
+    except (AttributeError, StopIteration, TypeError):
+        pass
     return {"backend": getattr(inner, "name", type(inner).__name__), "max_length": getattr(inner, "max_length", None),
             "eos_ids": list(eos) if isinstance(eos, (list, tuple)) else eos,
-            "tokenizer": tokenizer_fingerprint(getattr(inner, "tok", None))}
+            "tokenizer": tokenizer_fingerprint(getattr(inner, "tok", None)), "dtype": dtype, "device": device}
 
 
 def cacheable(request) -> bool:
