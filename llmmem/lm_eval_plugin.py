@@ -9,7 +9,8 @@ in ``--model_args`` are applied in the order given, then lm-eval's ``HFLM`` eval
 
 * ``prune=METHOD:SPARSITY[:STRUCTURE]`` — ``magnitude|wanda|sparsegpt``, e.g. ``wanda:0.5``,
   ``sparsegpt:0.5:2:4``; options ``calibration`` (default auto), ``nsamples``, ``seqlen``, ``profile``,
-  ``scope``, ``prune_seed``.
+  ``scope``, ``prune_seed``, ``prune_batch_size`` (default 8, as ``llmmem prune``: self-generated calibration
+  depends on it).
 * ``quantize=...`` / ``unlearn=...`` — through ``llmmem.interventions`` once it exists.
 
 Why a wrapper: lm-eval 0.4.x (0.4.13 and upstream main as of 2026-08-21) resolves ``--model NAME`` only
@@ -43,7 +44,8 @@ log = logging.getLogger(__name__)
 
 MODEL_NAME = "llmmem"
 INTERVENTIONS = ("prune", "quantize", "unlearn")
-PRUNE_OPTIONS = ("calibration", "nsamples", "seqlen", "profile", "scope", "prune_seed")
+PRUNE_OPTIONS = ("calibration", "nsamples", "seqlen", "profile", "scope", "prune_seed", "prune_batch_size")
+PRUNE_BATCH_SIZE = 8  # llmmem's default --batch_size: self-generated calibration draws one seed per batch
 # HFLM arguments that still mean something for a model built in memory (loading arguments do not)
 HFLM_KEYS = ("batch_size", "max_batch_size", "max_length", "truncation", "logits_cache", "add_bos_token",
              "prefix_token_id", "softmax_dtype", "mixed_precision_dtype", "think_end_token", "enable_thinking",
@@ -94,13 +96,13 @@ def parse_interventions(kv: dict) -> list[tuple[str, object]]:
         if key == "prune":
             chain.append(("prune", parse_prune(value, prune_opts)))
         else:
-            chain.append((key, _registered_spec(key, value)))
+            chain.append((key, _not_yet(key, value)))
     if prune_opts and not any(k == "prune" for k, _ in chain):
         raise ConfigError(f"model_args {', '.join(prune_opts)} given without prune=METHOD:SPARSITY[:STRUCTURE]")
     return chain
 
 
-def _registered_spec(kind: str, value):
+def _not_yet(kind: str, value):
     """Interventions other than pruning come with ``llmmem.interventions`` (being built): refuse them clearly."""
     raise ConfigError(f"model_args {kind}={value!r}: this llmmem cannot apply {kind} yet; allowed now: prune")
 
@@ -157,13 +159,13 @@ class LlmmemLM(HFLM):
         hf_args = {k: kwargs[k] for k in HFLM_KEYS if k in kwargs and kwargs[k] is not None}
         if spec.dtype != "float32" and "softmax_dtype" not in hf_args:
             hf_args["softmax_dtype"] = "float32"  # llmmem's rule: log-probabilities in float32
-        batch = hf_args.get("batch_size", 1)
-        calib_batch = batch if isinstance(batch, int) and batch > 0 else 8
+        calib_batch = parse_positive_int("prune_batch_size", kwargs.get("prune_batch_size", PRUNE_BATCH_SIZE))
         lm = load_model(spec)
         self.llmmem_reports = apply_interventions(lm, chain, batch_size=calib_batch)
         self.llmmem_model = lm
         self.llmmem_interventions = [{kind: _spec_dict(s)} for kind, s in chain]
-        self.llmmem_model_key = cache_model_key(lm.fingerprint, self.llmmem_interventions)
+        dtype = str(next(lm.model.parameters()).dtype).replace("torch.", "")
+        self.llmmem_model_key = f"{cache_model_key(lm.fingerprint, self.llmmem_interventions)}|{dtype}|{lm.device.type}"
         super().__init__(pretrained=lm.model, tokenizer=lm.tokenizer, **hf_args)
         self.pretrained = str(pretrained)  # HFLM reports it (model_sha lookup, names); the model object is self.model
 

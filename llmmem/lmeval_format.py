@@ -108,6 +108,8 @@ def _model_args(config: dict, model: dict, report: dict | None) -> tuple[str, di
     args.update({k: v for k, v in margs.items() if v is not None and v is not False})
     if config.get("pruning") or report:
         args.update(_prune_args(config.get("pruning") or {}, report or {}, config.get("seed")))
+        if args.get("calibration") == "self" and config.get("batch_size") not in (None, 8):
+            args["prune_batch_size"] = config["batch_size"]  # self-generated calibration draws a seed per batch
     return str(name), args
 
 

@@ -155,6 +155,28 @@ def test_prune_spec_parsing():
     assert parse_interventions({"pretrained": "m"}) == []
 
 
+def test_wanda_with_self_calibration_prunes_as_llmmem_prune(tmp_path, llama_dir, capsys):
+    """The calibration plumbing: the plugin's pruning equals `llmmem prune` with the same options."""
+    import torch
+    from safetensors.torch import load_file
+
+    from llmmem.config import ModelSpec
+    from llmmem.lm_eval_plugin import apply_interventions, parse_interventions
+    from llmmem.models import load_model
+
+    assert run_cli(["prune", "--model", llama_dir, "--method", "wanda", "--sparsity", "0.5", "--calibration", "self",
+                    "--nsamples", "4", "--seqlen", "16", "--output", tmp_path / "p", "--quiet"]) == 0, \
+        capsys.readouterr().err
+    lm = load_model(ModelSpec(name=str(llama_dir), device="cpu"))
+    chain = parse_interventions({"prune": "wanda:0.5", "calibration": "self", "nsamples": 4, "seqlen": 16})
+    report = apply_interventions(lm, chain)[0]["prune"]
+    assert report["calibration"]["source"] == "self" and report["calibration"]["nsamples"] == 4
+    saved = load_file(str(tmp_path / "p" / "model.safetensors"))
+    state = lm.model.state_dict()
+    assert len(saved) > 10 and all(torch.equal(state[k], v) for k, v in saved.items())
+    assert (state["model.layers.0.mlp.up_proj.weight"] == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+
+
 def test_registered_under_llmmem_without_hiding_lm_evals_models():
     from lm_eval.api.registry import get_model
 

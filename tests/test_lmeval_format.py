@@ -265,6 +265,8 @@ def test_pruning_cell_config_becomes_plugin_model_args():
                     "calibration": "self", "nsamples": 16, "seqlen": 32, "prune_seed": 3}
     (kind, again), = parse_interventions(args)
     assert kind == "prune" and again == PruneSpec(**{**spec.__dict__, "seed": 3})
+    payload["config"]["batch_size"] = 16  # a sweep's batch size also drew its self-generated calibration
+    assert to_lm_eval(payload)["config"]["model_args"]["prune_batch_size"] == 16
 
 
 @pytest.fixture
