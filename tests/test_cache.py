@@ -192,8 +192,9 @@ def test_hits_come_from_the_cache_and_misses_go_in_one_batch_in_order(tmp_path):
     assert inner.calls == [[a, b, c]]  # one batch, the repeated request computed once
     first[0].token_ids.append(99)
     assert first[2].token_ids == [5, 3]  # a repeat is its own object
+    assert cb.reset_stats()["misses"] == 3 and cb.stats["misses"] == 0
     second = cb.generate([c, d, a])
-    assert inner.calls[-1] == [d]
+    assert inner.calls[-1] == [d] and (cb.stats["hits"], cb.stats["misses"]) == (2, 1)
     assert [r.text for r in second] == ["amm", "atl", "ahp"]
     assert cb.loglikelihood([LoglikelihoodRequest("ab", "c")])[0].logprob == -4.0
     assert cb.loglikelihood([LoglikelihoodRequest("ab", "c", token_logprobs=True)])[0].logprob == -4.0

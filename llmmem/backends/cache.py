@@ -138,7 +138,8 @@ class CachingBackend(Backend):
         self.db_path = self.path / CACHE_FILE
         self.settings = dict(backend_settings(inner), **(settings or {}))
         self._settings_json = _canonical(_plain(self.settings))
-        self.stats = {"hits": 0, "misses": 0, "uncacheable": 0, "lookup_seconds": 0.0}
+        self.stats: dict = {}
+        self.reset_stats()
         self._warned_write = False
         self._conn = self._open()
 
@@ -300,6 +301,11 @@ class CachingBackend(Backend):
         if attr in ("inner", "_conn", "_model_key") or attr.startswith("__"):
             raise AttributeError(attr)
         return getattr(self.inner, attr)
+
+    def reset_stats(self) -> dict:
+        """Start new counters (e.g. per sweep cell); returns the previous ones."""
+        old, self.stats = self.stats, {"hits": 0, "misses": 0, "uncacheable": 0, "lookup_seconds": 0.0}
+        return old
 
     def entries(self, model_key: str | None = None) -> int:
         """Number of cached answers (for ``model_key`` when given)."""
