@@ -28,7 +28,6 @@ model's key (dense fingerprint + intervention chain) and refused for any other m
 
 from __future__ import annotations
 
-import inspect
 import logging
 import sys
 
@@ -196,11 +195,6 @@ class LlmmemLM(HFLM):
                                   f"{self.llmmem_model_key}. lm-eval keys them on the request only: use one "
                                   "--use_cache path per model and intervention")
         super().set_cache_hook(cache_hook)
-
-
-def hflm_arguments() -> set[str]:
-    """HFLM's own constructor arguments (for reference / tests)."""
-    return set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
 
 
 if __name__ != "__main__" and MODEL_NAME not in model_registry:
