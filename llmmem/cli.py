@@ -140,7 +140,7 @@ def _single_cell_run(args, cell, *, settings, include_path=None, run_dir=None, s
 
     resolve(cell.model)
     session = Session(cell.model, batch_size=_batch(settings, cell), quiet=settings.quiet, include_path=include_path,
-                      need_tokenizer=need_tokenizer)
+                      need_tokenizer=need_tokenizer, keep_dense=False)
     try:
         return run_cell(session, cell, run_dir=run_dir, save_to=save_to, overwrite=getattr(args, "overwrite", False),
                         log_samples=getattr(args, "log_samples", False), save_format=save_format,

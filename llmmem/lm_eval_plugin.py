@@ -9,9 +9,11 @@ in ``--model_args`` are applied in the order given, then lm-eval's ``HFLM`` eval
 
 * ``prune=METHOD:SPARSITY[:STRUCTURE]`` — ``magnitude|wanda|sparsegpt``, e.g. ``wanda:0.5``,
   ``sparsegpt:0.5:2:4``; options ``calibration`` (default auto), ``nsamples``, ``seqlen``, ``profile``,
-  ``scope``, ``prune_seed``, ``prune_batch_size`` (default 8, as ``llmmem prune``: self-generated calibration
-  depends on it).
-* ``quantize=...`` / ``unlearn=...`` — through ``llmmem.interventions`` once it exists.
+  ``scope``, ``prune_seed`` (the cell seed: calibration sampling), ``prune_batch_size`` (default 8, as
+  ``llmmem prune``: self-generated calibration depends on it).
+
+The interventions are applied by llmmem's own runner (``llmmem.runner.apply_chain`` on a one-cell
+session), exactly as ``llmmem prune`` / ``llmmem sweep`` apply them.
 
 Why a wrapper: lm-eval 0.4.x (0.4.13 and upstream main as of 2026-08-21) resolves ``--model NAME`` only
 against its own registry (``lm_eval.models.MODEL_MAPPING`` + classes whose module was imported); it reads no
@@ -31,7 +33,10 @@ from __future__ import annotations
 import logging
 import sys
 
-from llmmem.config import MODEL_ARG_KEYS, PRUNE_METHODS, ConfigError, PruneSpec, parse_positive_int
+from llmmem.config import MODEL_ARG_KEYS, ConfigError, parse_int, parse_positive_int
+from llmmem.interventions import Step
+from llmmem.pruning import METHODS as PRUNE_METHODS
+from llmmem.pruning.spec import PruneSpec
 
 try:
     from lm_eval.api.registry import model_registry, register_model
@@ -42,7 +47,7 @@ except ImportError:  # pragma: no cover - exercised only without lm-eval
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "llmmem"
-INTERVENTIONS = ("prune", "quantize", "unlearn")
+INTERVENTIONS = ("prune",)
 PRUNE_OPTIONS = ("calibration", "nsamples", "seqlen", "profile", "scope", "prune_seed", "prune_batch_size")
 PRUNE_BATCH_SIZE = 8  # llmmem's default --batch_size: self-generated calibration draws one seed per batch
 # HFLM arguments that still mean something for a model built in memory (loading arguments do not)
@@ -63,10 +68,11 @@ def parse_prune(value, options: dict | None = None) -> PruneSpec:
     parts = text.split(":", 2)
     if len(parts) < 2 or not parts[0] or not parts[1]:
         raise ConfigError(f"model_args prune={text!r}: expected METHOD:SPARSITY[:STRUCTURE] "
-                          f"(e.g. wanda:0.5, sparsegpt:0.5:2:4); methods: {', '.join(PRUNE_METHODS)}")
+                          f"(e.g. wanda:0.5, sparsegpt:0.5:2:4); methods: {', '.join(PRUNE_METHODS.names())}")
     method, sparsity = parts[0].strip().lower(), parts[1].strip()
     if method not in PRUNE_METHODS:
-        raise ConfigError(f"model_args prune={text!r}: unknown method {method!r}; allowed: {', '.join(PRUNE_METHODS)}")
+        raise ConfigError(f"model_args prune={text!r}: unknown method {method!r}; "
+                          f"allowed: {', '.join(PRUNE_METHODS.names())}")
     opts = dict(options or {})
     kwargs = {"method": method, "sparsity": sparsity, "structure": parts[2].strip() if len(parts) > 2 else "unstructured"}
     if "calibration" in opts:
@@ -77,66 +83,36 @@ def parse_prune(value, options: dict | None = None) -> PruneSpec:
     for key in ("profile", "scope"):
         if key in opts:
             kwargs[key] = str(opts[key])
-    if "prune_seed" in opts:
-        kwargs["seed"] = parse_positive_int("prune_seed", opts["prune_seed"], minimum=0)
     try:
         return PruneSpec(**kwargs)
     except ConfigError as e:
         raise ConfigError(f"model_args prune={text!r}: {e}") from None
 
 
-def parse_interventions(kv: dict) -> list[tuple[str, object]]:
-    """The interventions in ``model_args`` in the order given: ``[("prune", PruneSpec), ...]``."""
-    chain: list[tuple[str, object]] = []
+def parse_interventions(kv: dict) -> list[Step]:
+    """The interventions in ``model_args`` in the order given, as a chain of Steps."""
+    chain: list[Step] = []
     prune_opts = {k: kv[k] for k in PRUNE_OPTIONS if k in kv}
     for key, value in kv.items():
-        if key not in INTERVENTIONS:
-            continue
         if key == "prune":
-            chain.append(("prune", parse_prune(value, prune_opts)))
-        else:
-            chain.append((key, _not_yet(key, value)))
-    if prune_opts and not any(k == "prune" for k, _ in chain):
+            chain.append(Step("prune", parse_prune(value, prune_opts)))
+    if prune_opts and not chain:
         raise ConfigError(f"model_args {', '.join(prune_opts)} given without prune=METHOD:SPARSITY[:STRUCTURE]")
     return chain
 
 
-def _not_yet(kind: str, value):
-    """Interventions other than pruning come with ``llmmem.interventions`` (being built): refuse them clearly."""
-    raise ConfigError(f"model_args {kind}={value!r}: this llmmem cannot apply {kind} yet; allowed now: prune")
+def load_cell(spec, chain: list[Step], *, seed: int = 0, batch_size: int = 8, quiet: bool = True):
+    """Load the model and apply ``chain`` with llmmem's runner; (session, cell, reports)."""
+    from llmmem.cells import Cell, EvalSpec
+    from llmmem.interventions import PrepareEnv
+    from llmmem.runner import Session, apply_chain
 
-
-def apply_interventions(lm, chain: list[tuple[str, object]], *, batch_size: int = 8, quiet: bool = True) -> list[dict]:
-    """Apply ``chain`` to ``lm.model`` in place, in order; one report dict per intervention.
-
-    The one place that knows how each intervention runs: switch it to ``llmmem.interventions`` (registry
-    ``INTERVENTIONS``, ``apply(model, ctx) -> report``) when that lands."""
-    reports = []
-    for kind, spec in chain:
-        if kind == "prune":
-            from llmmem.pruning import prune
-            from llmmem.pruning.calibration import check_source, load_calibration
-
-            calib = None
-            if spec.needs_calibration:
-                check_source(spec.calibration)
-                calib = load_calibration(spec.calibration, lm.model, lm.tokenizer, spec.nsamples, spec.seqlen,
-                                         spec.seed, batch_size=batch_size, quiet=quiet)
-            report = prune(lm.model, spec, calib, device=lm.device, batch_size=batch_size,
-                           offload=lm.spec.offload, quiet=quiet)
-            reports.append({"prune": {"method": report.method, "structure": report.structure, "profile": report.profile,
-                                      "target_sparsity": report.target_sparsity,
-                                      "measured_sparsity": report.measured_sparsity,
-                                      "calibration": report.calibration, "seconds": report.seconds}})
-        else:
-            raise ConfigError(f"intervention {kind!r} cannot be applied by this llmmem yet; allowed now: prune")
-    return reports
-
-
-def _spec_dict(spec) -> dict:
-    from llmmem.results import _jsonable
-
-    return _jsonable(spec)
+    cell = Cell(spec, tuple(chain), EvalSpec(), seed)
+    for step in cell.chain:
+        step.intervention.prepare(step.spec, PrepareEnv(model=spec.name))
+    session = Session(spec, batch_size=batch_size, quiet=quiet, keep_dense=False)
+    reports, _warnings, _ = apply_chain(session, cell)
+    return session, cell, reports
 
 
 class LlmmemLM(HFLM):
@@ -145,7 +121,6 @@ class LlmmemLM(HFLM):
     def __init__(self, pretrained: str | None = None, **kwargs):
         from llmmem.backends.cache import cache_model_key
         from llmmem.config import model_spec_from_args
-        from llmmem.models import load_model
 
         if pretrained is None or not str(pretrained).strip():
             raise ConfigError("model_args pretrained=... is required (a local directory, hub id, preset or .gguf)")
@@ -159,12 +134,14 @@ class LlmmemLM(HFLM):
         if spec.dtype != "float32" and "softmax_dtype" not in hf_args:
             hf_args["softmax_dtype"] = "float32"  # llmmem's rule: log-probabilities in float32
         calib_batch = parse_positive_int("prune_batch_size", kwargs.get("prune_batch_size", PRUNE_BATCH_SIZE))
-        lm = load_model(spec)
-        self.llmmem_reports = apply_interventions(lm, chain, batch_size=calib_batch)
+        seed = parse_int("prune_seed", kwargs.get("prune_seed", 0), minimum=0)
+        session, cell, reports = load_cell(spec, chain, seed=seed, batch_size=calib_batch)
+        lm = session.lm
+        self.llmmem_reports = [{s.kind: r} for s, r in zip(chain, reports)]
         self.llmmem_model = lm
-        self.llmmem_interventions = [{kind: _spec_dict(s)} for kind, s in chain]
+        self.llmmem_interventions = [s.canonical() for s in chain]
         dtype = str(next(lm.model.parameters()).dtype).replace("torch.", "")
-        self.llmmem_model_key = f"{cache_model_key(lm.fingerprint, self.llmmem_interventions)}|{dtype}|{lm.device.type}"
+        self.llmmem_model_key = f"{cache_model_key(lm.fingerprint, cell.weights_key())}|{dtype}|{lm.device.type}"
         super().__init__(pretrained=lm.model, tokenizer=lm.tokenizer, **hf_args)
         self.pretrained = str(pretrained)  # HFLM reports it (model_sha lookup, names); the model object is self.model
 

@@ -8,9 +8,9 @@
 * :func:`sample_records` — llmmem's per-doc rows -> lm-eval's per-sample records (the dict lm-eval's
   evaluator builds); :func:`jsonl_record` / :func:`write_samples` give the ``samples_<task>_<date>.jsonl``
   form lm-eval's ``EvaluationTracker`` writes (``arguments`` as ``gen_args_i/arg_j``, responses as strings).
-* :func:`cell_document` — the proposed ``results.json``: lm-eval's keys at the top, llmmem's own sections
-  beside them, the three whose names collide renamed (llmmem ``results`` -> ``metrics``, ``config`` ->
-  ``cell_config``, ``versions`` -> ``environment``); :func:`llmmem_section` reads either layout.
+* ``results.json`` (written by ``llmmem.results.CellDir.finish``) has lm-eval's keys at the top and llmmem's
+  own sections beside them, the three whose names collide renamed (llmmem ``results`` -> ``metrics``,
+  ``config`` -> ``cell_config``, ``versions`` -> ``environment``); :func:`llmmem_section` reads either layout.
 
 Meanings carried over. A metric key is ``"<metric>,<filter>"``; llmmem's own tasks have filter ``none``;
 ``lm_eval:<task>`` results keep lm-eval's filters (llmmem stores them as ``metric@filter``, mapped back here,
@@ -35,7 +35,7 @@ from llmmem.config import ConfigError
 
 MODEL_SOURCE = "llmmem"  # the lm-eval model name (llmmem.lm_eval_plugin): config.model_args re-runs the cell there
 LM_EVAL_PREFIX = "lm_eval:"
-RENAMED = {"results": "metrics", "config": "cell_config", "versions": "environment"}  # llmmem key -> cell_document key
+RENAMED = {"results": "metrics", "config": "cell_config", "versions": "environment"}  # llmmem key -> its name in results.json
 
 OUTPUT_TYPE = {"recall": "generate_until", "icl": "generate_until", "extraction": "generate_until",
                "mia": "loglikelihood"}
@@ -96,8 +96,20 @@ def split_metric(key: str, lm_eval_task: bool) -> tuple[str, str]:
 
 # ----------------------------------------------------------------------------- results.json
 def _model_args(config: dict, model: dict, report: dict | None) -> tuple[str, dict]:
-    """(model name as given, lm-eval model_args for ``--model llmmem``) from either cell config shape."""
+    """(model name as given, lm-eval model_args for ``--model llmmem``) from the cell config (schema 2: model
+    identity + chain) or the older flat shapes."""
     m = config.get("model")
+    if isinstance(m, dict) and "chain" in config:  # a cell's canonical config
+        name = m.get("name") or model.get("name")
+        args = {"pretrained": str(name)}
+        args.update({k: v for k, v in m.items() if k != "name" and v is not None and v is not False})
+        for step in config.get("chain") or []:
+            if step.get("kind") == "prune":
+                args.update(_prune_args({k: v for k, v in step.items() if k != "kind"}, report or {},
+                                        config.get("seed")))
+            else:  # the plugin applies pruning only: the chain is recorded, not re-runnable from lm-eval
+                args.setdefault("llmmem_chain", "+".join(s.get("kind", "?") for s in config["chain"]))
+        return str(name), args
     if isinstance(m, dict):  # llmmem eval: {"model": ModelSpec.__dict__}
         name = m.get("name") or model.get("name")
         margs = {k: v for k, v in m.items() if k != "name"}
@@ -219,7 +231,7 @@ def to_lm_eval(payload: dict, *, tasks: dict | None = None, samples: dict | None
     """lm-eval 0.4.x's top-level results keys for one llmmem cell.
 
     ``payload``: a cell payload or a finished ``results.json`` (either layout: llmmem's ``results`` /
-    ``config`` / ``versions``, or ``cell_document``'s ``metrics`` / ``cell_config`` / ``environment``).
+    ``config`` / ``versions``, or the written results.json's ``metrics`` / ``cell_config`` / ``environment``).
     ``tasks``: {llmmem task name: Task} for full ``configs`` (without, configs hold what the payload knows).
     ``samples``: {llmmem task name: records from :func:`sample_records`} for lm-eval's ``task_hashes``.
     ``date``: UNIX time the evaluation started (default: from the payload's timings).
@@ -281,14 +293,17 @@ def to_lm_eval(payload: dict, *, tasks: dict | None = None, samples: dict | None
 
     name, model_args = _model_args(config, payload.get("model") or {}, payload.get("pruning"))
     seed = config.get("seed", (payload.get("seeds") or {}).get("seed"))
+    ev = config.get("eval") if isinstance(config.get("eval"), dict) else config  # schema 2 keeps eval settings apart
+    run = payload.get("run") or {}
     dtype = model_args.get("dtype")
     out["config"] = {
         "model": MODEL_SOURCE, "model_args": model_args,
         "model_dtype": f"torch.{dtype}" if dtype and dtype != "auto" else dtype,
-        "batch_size": config.get("batch_size"), "batch_sizes": [], "device": model_args.get("device"),
-        "use_cache": config.get("use_cache"), "limit": _limit(config), "bootstrap_iters": 1000,
-        "gen_kwargs": config.get("gen_kwargs"), "random_seed": seed, "numpy_seed": seed, "torch_seed": seed,
-        "fewshot_seed": seed, "backend": config.get("backend"),
+        "batch_size": run.get("batch_size", config.get("batch_size")), "batch_sizes": [],
+        "device": run.get("device", model_args.get("device")),
+        "use_cache": run.get("use_cache", config.get("use_cache")), "limit": _limit(ev), "bootstrap_iters": 1000,
+        "gen_kwargs": ev.get("gen_kwargs"), "random_seed": seed, "numpy_seed": seed, "torch_seed": seed,
+        "fewshot_seed": seed, "backend": ev.get("backend"),
         "llmmem": {"fingerprint": (payload.get("model") or {}).get("fingerprint") or config.get("dense_fingerprint")},
     }
     commit = ((env.get("git") or {}) if isinstance(env, dict) else {}).get("commit")
@@ -301,12 +316,12 @@ def to_lm_eval(payload: dict, *, tasks: dict | None = None, samples: dict | None
         out["task_hashes"] = {names.get(t, t): task_hash(recs) for t, recs in samples.items()}
     else:
         out["task_hashes"] = {}
-    template = config.get("chat_template")
-    system = config.get("system_instruction")
+    template = run.get("chat_template", config.get("chat_template"))
+    system = ev.get("system_instruction")
     out.update({
         "model_source": MODEL_SOURCE, "model_name": name, "model_name_sanitized": _SANITIZE_MODEL.sub("__", name),
         "system_instruction": system, "system_instruction_sha": hash_string(system) if system else None,
-        "fewshot_as_multiturn": config.get("fewshot_as_multiturn"),
+        "fewshot_as_multiturn": ev.get("fewshot_as_multiturn"),
         "chat_template": template if isinstance(template, str) else None,
         "chat_template_sha": hash_string(template) if isinstance(template, str) and template else None,
     })
@@ -317,7 +332,7 @@ def to_lm_eval(payload: dict, *, tasks: dict | None = None, samples: dict | None
 
 def llmmem_section(doc: dict, key: str):
     """llmmem's own section ``key`` ("results", "config", "versions") in either layout: today's (top level)
-    or :func:`cell_document`'s (renamed, lm-eval's keys at the top)."""
+    or results.json's (renamed, lm-eval's keys at the top)."""
     renamed = RENAMED.get(key, key)
     if renamed in doc:
         return doc[renamed]
@@ -328,20 +343,6 @@ def llmmem_section(doc: dict, key: str):
     if key == "versions" and "n-shot" in doc:
         return None
     return doc.get(key)
-
-
-def cell_document(payload: dict, lm_eval: dict) -> dict:
-    """The proposed ``results.json``: lm-eval's keys first, then llmmem's sections, the colliding three renamed."""
-    doc = {"schema_version": payload.get("schema_version")} if "schema_version" in payload else {}
-    doc.update(lm_eval)
-    for k, v in payload.items():
-        if k == "schema_version":
-            continue
-        key = RENAMED.get(k, k)
-        if key in doc and key not in RENAMED.values():
-            raise ValueError(f"llmmem section {k!r} collides with lm-eval's key {key!r}")
-        doc[key] = v
-    return doc
 
 
 # ----------------------------------------------------------------------------- samples

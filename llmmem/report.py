@@ -101,7 +101,7 @@ def load_run(run_dir) -> list[dict]:
 
     cells = []
     for rel, doc in iter_cells(run_dir):
-        cfg = doc.get("config") or {}
+        cfg = doc.get("cell_config") or {}
         steps = (doc.get("cell") or {}).get("steps") or []
         chain = cfg.get("chain") or []
         group = json.dumps(cfg.get("eval") or {}, sort_keys=True)

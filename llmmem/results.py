@@ -30,7 +30,10 @@ from llmmem.config import ConfigError
 SCHEMA_VERSION = 2  # 2: cells are model + intervention chain; MIMIR-scored MIA tokens, MIMIR TPR@FPR,
 # MUSE PrivLeak, lm-eval few-shot sampling (results of schema 1 are refused, not mixed)
 RESULTS_FILE = "results.json"
-REQUIRED_KEYS = ("schema_version", "config", "model", "metrics", "n_samples", "versions", "seeds", "timings")
+# llmmem's own sections, and lm-eval 0.4.x's top-level keys (with lm-eval's meaning) beside them
+REQUIRED_KEYS = ("schema_version", "cell_config", "model", "metrics", "n_samples", "environment", "seeds", "timings")
+LM_EVAL_KEYS = ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "config", "date",
+                "model_name")
 
 
 def jsonable(obj):
@@ -235,11 +238,15 @@ class CellDir:
         atomic_write_json(path, obj)
         return path
 
-    def finish(self, payload: dict) -> Path:
-        """Write ``results.json`` (atomically, last). Fills schema_version and versions."""
-        doc = {"schema_version": SCHEMA_VERSION}
-        doc.update(payload)
-        doc.setdefault("versions", environment())
+    def finish(self, payload: dict, lm_eval: dict | None = None) -> Path:
+        """Write ``results.json`` (atomically, last): lm-eval's keys (``lm_eval``, see ``llmmem.lmeval_format``)
+        at the top, then llmmem's sections. Fills schema_version, environment and timings."""
+        doc = {"schema_version": SCHEMA_VERSION, **(lm_eval or {})}
+        for k, v in payload.items():
+            if k in doc and k != "schema_version":
+                raise ValueError(f"llmmem section {k!r} collides with lm-eval's key")
+            doc[k] = v
+        doc.setdefault("environment", environment())
         doc.setdefault("timings", {})
         doc["timings"].setdefault("total_seconds", round(time.time() - self.started, 3))
         doc["timings"].setdefault("finished_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -250,9 +257,9 @@ class CellDir:
         return self.results_path
 
 
-def validate_results(doc: dict) -> list[str]:
+def validate_results(doc: dict, lm_eval: bool = True) -> list[str]:
     """Problems with a results document (empty list when valid)."""
-    problems = [f"missing key {k!r}" for k in REQUIRED_KEYS if k not in doc]
+    problems = [f"missing key {k!r}" for k in REQUIRED_KEYS + (LM_EVAL_KEYS if lm_eval else ()) if k not in doc]
     if doc.get("schema_version") != SCHEMA_VERSION:
         problems.append(f"schema_version is {doc.get('schema_version')!r}, expected {SCHEMA_VERSION}")
     for task, metrics in (doc.get("metrics") or {}).items():

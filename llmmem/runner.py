@@ -29,7 +29,7 @@ class Session:
     """One loaded model and everything the cells evaluated on it share."""
 
     def __init__(self, model_spec: ModelSpec, *, batch_size: int = 8, quiet: bool = True,
-                 include_path: str | None = None, need_tokenizer: bool = True):
+                 include_path: str | None = None, need_tokenizer: bool = True, keep_dense: bool = True):
         import torch
 
         from llmmem.models import load_model, resolve_device
@@ -41,8 +41,8 @@ class Session:
         self.batch_size = batch_size
         self.quiet = quiet
         self.include_path = include_path
-        # the dense weights stay on the CPU (the model may be on an accelerator)
-        self.snapshots: dict[str, dict] = {"": self._state()}
+        # the dense weights stay on the CPU (the model may be on an accelerator); a one-cell run keeps none
+        self.snapshots: dict[str, dict] = {"": self._state()} if keep_dense else {}
         self.current = ""  # chain key of what the model's weights hold now
         self.keep: set[str] = set()  # chain prefixes to keep in memory for later cells
         self.reports: dict[str, dict] = {}  # the report of each kept prefix's last step
@@ -72,7 +72,7 @@ class Session:
                 self._load_state(self.snapshots[key])
                 self.current = key
                 return k
-        raise AssertionError("the dense snapshot is always kept")  # pragma: no cover
+        raise RuntimeError("this session keeps no dense weights (keep_dense=False): it runs one cell")
 
     def forget_unneeded(self, still_needed: set[str]) -> None:
         for key in [k for k in self.snapshots if k and k not in still_needed]:
@@ -87,6 +87,8 @@ class Session:
 
             swapped = None
             if source == "self" and self.current != "":
+                if "" not in self.snapshots:
+                    raise RuntimeError("self calibration after a chain step needs the dense weights (keep_dense)")
                 swapped = self._state()  # sample from the dense model, then put these weights back
                 self._load_state(self.snapshots[""])
             try:
@@ -137,6 +139,11 @@ def apply_chain(session: Session, cell: Cell, *, hooks_for=None) -> tuple[list[d
     report ``{"restored": true}`` plus their recorded report), warnings, and timings."""
     torch = session._torch
     t0 = time.time()
+    if session.current == "":  # sample every "self" calibration of the chain from the dense weights, now
+        for step in cell.chain:
+            for src, n, t in step.intervention.calibration_needs(step.spec):
+                if src == "self":
+                    session.calibration(src, n, t, cell.seed)
     k = session.restore(cell.chain)
     restore_seconds = time.time() - t0
     reports: list[dict] = []
@@ -211,9 +218,10 @@ def run_cell(session: Session, cell: Cell, *, run_dir: Path | str | None = None,
                 timings["engine_update"] = engine_update
             eval_backend = backend
             if cache_dir:
-                from llmmem.backends.cache import CachingBackend
+                from llmmem.backends.cache import CachingBackend, cache_model_key
 
-                eval_backend = CachingBackend(backend, cache_dir, f"{session.lm.fingerprint}:{cell.weights_key()}")
+                eval_backend = CachingBackend(backend, cache_dir, cache_model_key(session.lm.fingerprint,
+                                                                                  cell.weights_key()))
             ref = session.reference_backend(cell.eval.mia_reference) if cell.eval.mia_reference else None
             session._torch.manual_seed(cell.seed)
             results = evaluate(eval_backend, tasks, eval_spec=cell.eval, seed=cell.seed, ref_backend=ref)
@@ -234,11 +242,8 @@ def run_cell(session: Session, cell: Cell, *, run_dir: Path | str | None = None,
         if save_to is not None:
             save_checkpoint(session, cell, reports, save_to, save_format)
         if celldir is not None:
-            for r in results:
-                rows = r.rows if log_samples else [{k: v for k, v in row.items() if k not in PROMPT_KEYS
-                                                    or k == "response"} for row in r.rows]
-                celldir.write_samples(r.task, rows)
-            celldir.finish(payload)
+            lm_eval = write_samples(celldir, results, tasks, cell, payload, log_samples)
+            celldir.finish(payload, lm_eval)
             payload["_path"] = str(celldir.path)
         payload["_results"] = results
         return payload
@@ -248,13 +253,39 @@ def run_cell(session: Session, cell: Cell, *, run_dir: Path | str | None = None,
         raise
 
 
+def write_samples(celldir: CellDir, results: list, tasks: list, cell: Cell, payload: dict, log_samples: bool) -> dict:
+    """Per-doc rows (``samples_<task>.jsonl``: ids and per-sample metrics, prompts with --log_samples) and,
+    with --log_samples, lm-eval's ``samples_<task>_<date>.jsonl``; returns lm-eval's results keys."""
+    from llmmem.evaluation import limit_count
+    from llmmem.lmeval_format import date_id, metric_names, sample_records, samples_filename, to_lm_eval
+    from llmmem.lmeval_format import write_samples as write_lm_eval_samples
+    from llmmem.tasks import Task
+
+    by_name = {t.name: t for t in tasks}
+    records = {}
+    for r in results:
+        rows = r.rows if log_samples else [{k: v for k, v in row.items() if k not in PROMPT_KEYS or k == "response"}
+                                           for row in r.rows]
+        celldir.write_samples(r.task, rows)
+        task = by_name.get(r.task)
+        if isinstance(task, Task):
+            docs = task.docs(limit=limit_count(task, cell.eval.limit_for(task.name)))
+            payload["tasks"][r.task]["n_original"] = len(task.docs())  # before --limit (lm-eval's n-samples)
+            records[r.task] = sample_records(r.rows, suite=r.suite, metrics=metric_names(r.metrics), task=task,
+                                             docs=docs)
+            if log_samples:
+                write_lm_eval_samples(celldir.path / samples_filename(r.task, date_id(celldir.started)), records[r.task])
+    return to_lm_eval(payload, tasks={k: v for k, v in by_name.items() if isinstance(v, Task)}, samples=records,
+                      date=celldir.started)
+
+
 def cell_payload(session: Session, cell: Cell, reports: list[dict], warnings: list[str], results: list,
                  timings: dict, *, log_samples: bool) -> dict:
     """The ``results.json`` document of a cell (before the writer adds schema version and versions)."""
     lm = session.lm
     interventions = [{"kind": s.kind, "label": s.label(), "report": r} for s, r in zip(cell.chain, reports)]
     payload = {
-        "config": cell.config(),
+        "cell_config": cell.config(),
         "cell": {"name": cell.name(), **cell.describe()},
         "model": {"name": lm.name, "source": lm.source.path, "fingerprint": lm.fingerprint},
         "interventions": interventions,

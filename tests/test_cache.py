@@ -16,7 +16,8 @@ from llmmem.backends.base import (
     RollingResult,
 )
 from llmmem.backends.cache import CACHE_FILE, CachingBackend, cache_model_key
-from llmmem.config import ConfigError, ModelSpec, PruneSpec
+from llmmem.config import ConfigError, ModelSpec
+from llmmem.pruning.spec import PruneSpec
 
 PROMPTS = ["The capital of France is", "Alice was born in", "key1 = 17 ; key2 =", "In the beginning"]
 
@@ -215,14 +216,24 @@ def test_token_ids_and_backend_settings_are_in_the_key(tmp_path):
 
 
 def test_cache_model_key():
-    spec = PruneSpec(method="wanda", sparsity=0.5)
-    k = cache_model_key("abc", [{"prune": spec}])
+    """The model key is the dense fingerprint plus the cell's weights key (model identity + chain + seed)."""
+    from llmmem.cells import Cell, EvalSpec
+    from llmmem.interventions import Step
+
+    m = ModelSpec(name="m")
+
+    def key(*steps, seed=0):
+        return cache_model_key("abc", Cell(m, tuple(Step("prune", s) for s in steps), EvalSpec(), seed).weights_key())
+
+    k = key(PruneSpec(method="wanda", sparsity=0.5))
     assert k.startswith("abc+") and k != cache_model_key("abc") != cache_model_key("abd")
-    assert k == cache_model_key("abc", [{"prune": PruneSpec(method="wanda", sparsity=0.5)}])
-    assert k != cache_model_key("abc", [{"prune": PruneSpec(method="wanda", sparsity=0.6)}])
-    assert k != cache_model_key("abc", [{"prune": PruneSpec(method="wanda", sparsity=0.5, calibration="self")}])
+    assert k == key(PruneSpec(method="wanda", sparsity=0.5))
+    assert k != key(PruneSpec(method="wanda", sparsity=0.6))
+    assert k != key(PruneSpec(method="wanda", sparsity=0.5, calibration="self"))
+    assert k != key(PruneSpec(method="wanda", sparsity=0.5), seed=1)  # calibration is drawn with the cell seed
+    assert key() != k
     with pytest.raises(ConfigError, match="fingerprint"):
-        cache_model_key("", [])
+        cache_model_key("", None)
 
 
 # ----------------------------------------------------------------------------- sharing and damage

@@ -73,7 +73,7 @@ def test_lm_eval_cli_with_llmmem_model_gives_llmmem_numbers(tmp_path, llama_dir,
                     "--output", pruned, "--quiet"]) == 0, capsys.readouterr().err
     assert run_cli(["eval", "--model", pruned, "--tasks", "lm_eval:tiny_ppl,lm_eval:tiny_mc", "--include_path",
                     tiny_tasks, "--output_path", tmp_path / "run", "--quiet"]) == 0, capsys.readouterr().err
-    ours = json.loads(next((tmp_path / "run").rglob("results.json")).read_text())["results"]
+    ours = json.loads(next((tmp_path / "run").rglob("results.json")).read_text())["metrics"]
 
     # lm-eval's CLI with the plugin: prunes in memory from the dense checkpoint
     common = ["--model", "llmmem", "--include_path", tiny_tasks, "--tasks", "tiny_ppl,tiny_mc", "--device", "cpu",
@@ -87,7 +87,7 @@ def test_lm_eval_cli_with_llmmem_model_gives_llmmem_numbers(tmp_path, llama_dir,
     for metric in ("acc", "acc_norm"):
         assert res["tiny_mc"][f"{metric},none"] == ours["lm_eval:tiny_mc"][metric]
     info = theirs["config"]["llmmem"]
-    assert info["interventions"][0]["prune"]["method"] == "magnitude"
+    assert info["interventions"][0]["kind"] == "prune" and info["interventions"][0]["method"] == "magnitude"
     assert abs(info["reports"][0]["prune"]["measured_sparsity"] - 0.5) < 0.01
     assert theirs["config"]["model"] == "llmmem" and theirs["model_name"] == str(llama_dir)
 
@@ -119,11 +119,10 @@ def test_lm_eval_cache_file_is_refused_for_other_weights(tmp_path, llama_dir, ti
 
 @pytest.mark.parametrize("model_args, needles", [
     ("prune=wanda:0.5", ["pretrained"]),
-    ("pretrained={m},prune=pruney:0.5", ["prune='pruney:0.5'", "magnitude, wanda, sparsegpt"]),
+    ("pretrained={m},prune=pruney:0.5", ["prune='pruney:0.5'", "magnitude, sparsegpt, wanda"]),
     ("pretrained={m},prune=wanda", ["prune='wanda'", "METHOD:SPARSITY"]),
     ("pretrained={m},prune=magnitude:1.5", ["prune='magnitude:1.5'", "outside [0, 1)"]),
     ("pretrained={m},prune=magnitude:0.5:3:2", ["N:M needs 0 < N < M"]),
-    ("pretrained={m},quantize=rtn:4:32", ["quantize='rtn:4:32'", "allowed now: prune"]),
     ("pretrained={m},nsamples=4", ["without prune="]),
     ("pretrained={m},sparsity=0.5", ["unknown key 'sparsity'", "prune", "dtype"]),
     ("pretrained={m},dtype=float8", ["dtype='float8'", "float32"]),
@@ -148,10 +147,10 @@ def test_prune_spec_parsing():
 
     chain = parse_interventions({"pretrained": "m", "prune": "sparsegpt:0.5:2:4", "calibration": "self",
                                  "nsamples": 8, "seqlen": "16", "prune_seed": 3})
-    assert [k for k, _ in chain] == ["prune"]
-    spec = chain[0][1]
-    assert (spec.method, spec.sparsity, spec.structure, spec.calibration, spec.nsamples, spec.seqlen, spec.seed) == \
-        ("sparsegpt", 0.5, "2:4", "self", 8, 16, 3)
+    assert [s.kind for s in chain] == ["prune"]
+    spec = chain[0].spec
+    assert (spec.method, spec.sparsity, spec.structure, spec.calibration, spec.nsamples, spec.seqlen) == \
+        ("sparsegpt", 0.5, "2:4", "self", 8, 16)  # prune_seed is the cell seed, not part of the spec
     assert parse_interventions({"pretrained": "m"}) == []
 
 
@@ -161,15 +160,14 @@ def test_wanda_with_self_calibration_prunes_as_llmmem_prune(tmp_path, llama_dir,
     from safetensors.torch import load_file
 
     from llmmem.config import ModelSpec
-    from llmmem.lm_eval_plugin import apply_interventions, parse_interventions
-    from llmmem.models import load_model
+    from llmmem.lm_eval_plugin import load_cell, parse_interventions
 
     assert run_cli(["prune", "--model", llama_dir, "--method", "wanda", "--sparsity", "0.5", "--calibration", "self",
                     "--nsamples", "4", "--seqlen", "16", "--output", tmp_path / "p", "--quiet"]) == 0, \
         capsys.readouterr().err
-    lm = load_model(ModelSpec(name=str(llama_dir), device="cpu"))
     chain = parse_interventions({"prune": "wanda:0.5", "calibration": "self", "nsamples": 4, "seqlen": 16})
-    report = apply_interventions(lm, chain)[0]["prune"]
+    session, _cell, reports = load_cell(ModelSpec(name=str(llama_dir), device="cpu"), chain)
+    lm, report = session.lm, reports[0]
     assert report["calibration"]["source"] == "self" and report["calibration"]["nsamples"] == 4
     saved = load_file(str(tmp_path / "p" / "model.safetensors"))
     state = lm.model.state_dict()

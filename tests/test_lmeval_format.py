@@ -3,12 +3,12 @@ W&B logger's result and sample readers, datasets on the samples jsonl)."""
 
 import copy
 import json
+from pathlib import Path
 import math
 
 import pytest
 
 from llmmem.lmeval_format import (
-    cell_document,
     date_id,
     dumps_record,
     llmmem_section,
@@ -32,12 +32,9 @@ MIA_ROWS = [{"text": t, "label": i % 2} for i, t in enumerate([
 @pytest.fixture(scope="module")
 def cell(tmp_path_factory, llama_dir):
     """A real llmmem cell (recall with buckets, extraction, membership inference) on the tiny model."""
-    from llmmem.backends.hf import HFBackend
+    from llmmem.cells import Cell, EvalSpec
     from llmmem.config import ModelSpec
-    from llmmem.evaluation import write_cell
-    from llmmem.models import load_model
-    from llmmem.results import Cell
-    from llmmem.suites import run_task
+    from llmmem.runner import Session, run_cell
     from llmmem.tasks import get_task, load_task_file
 
     d = tmp_path_factory.mktemp("fmt")
@@ -45,20 +42,17 @@ def cell(tmp_path_factory, llama_dir):
         for r in MIA_ROWS:
             f.write(json.dumps(r) + "\n")
     (d / "tiny_mia.yaml").write_text("task: tiny_mia\nsuite: mia\ndata: mia.jsonl\nmetadata: {version: 2}\n")
-    lm = load_model(ModelSpec(name=str(llama_dir), device="cpu"))
-    backend = HFBackend(lm, batch_size=4)
+    spec = ModelSpec(name=str(llama_dir), device="cpu")
     tasks = {"capitals": get_task("capitals"), "famous_passages": get_task("famous_passages"),
              "tiny_mia": load_task_file(d / "tiny_mia.yaml")}
     limits = {"capitals": 6, "famous_passages": 3, "tiny_mia": None}
-    results = [run_task(t, backend, limit=limits[n], seed=0) for n, t in tasks.items()]
-    config = {"model": lm.spec.__dict__, "tasks": list(tasks), "limit": 6, "num_fewshot": None, "seed": 0,
-              "backend": "hf", "batch_size": 4, "dense_fingerprint": lm.fingerprint}
-    c = Cell(d / "run", "tiny/dense").prepare()
-    write_cell(c, results, config=config, model={"name": lm.name, "source": lm.source.path,
-                                                 "fingerprint": lm.fingerprint}, seeds={"seed": 0})
-    payload = json.loads(c.results_path.read_text())
+    cell = Cell(spec, (), EvalSpec(tasks=list(tasks), limit=limits), 0)
+    session = Session(spec, batch_size=4, include_path=str(d), keep_dense=False)
+    out = run_cell(session, cell, run_dir=d / "run", tasks=list(tasks.values()))
+    payload = json.loads((Path(out["_path"]) / "results.json").read_text())
     docs = {n: tasks[n].docs(limit=limits[n]) for n in tasks}
-    return {"payload": payload, "results": {r.task: r for r in results}, "tasks": tasks, "docs": docs, "dir": d}
+    return {"payload": payload, "results": {r.task: r for r in out["_results"]}, "tasks": tasks, "docs": docs,
+            "dir": d}
 
 
 def _records(cell):
@@ -92,7 +86,7 @@ def test_lm_evals_table_maker_prints_our_numbers(cell, tmp_path):
             task, version[r[0]] = r[0], r[1]
         seen[(task, r[4])] = r
     expected = 0
-    for t, metrics in payload["results"].items():
+    for t, metrics in payload["metrics"].items():
         for m in metric_names(metrics):
             expected += 1
             r = seen[(t, m)]
@@ -118,7 +112,7 @@ def test_wandb_loggers_readers_get_our_numbers(cell):
     logger = WandbLogger.__new__(WandbLogger)  # the readers need no W&B run
     logger.post_init(json.loads(json.dumps(view)))
     summary, flat = logger._sanitize_results_dict()
-    for t, metrics in payload["results"].items():
+    for t, metrics in payload["metrics"].items():
         for m in metric_names(metrics):
             assert flat[f"{t}/{m}"] == metrics[m]
     assert summary["capitals/alias"] == "capitals"
@@ -126,7 +120,7 @@ def test_wandb_loggers_readers_get_our_numbers(cell):
     for t, recs in records.items():
         df = logger._generate_dataset(copy.deepcopy(recs), configs[t])
         assert len(df) == len(cell["results"][t].rows)
-        for m in metric_names(payload["results"][t]):
+        for m in metric_names(payload["metrics"][t]):
             if t != "tiny_mia":
                 assert list(df[m]) == [row[m] for row in cell["results"][t].rows]
     recall = logger._generate_dataset(records["capitals"], configs["capitals"])
@@ -178,7 +172,7 @@ def test_mia_samples_carry_their_aggregation_items(cell):
     from llmmem.metrics import roc_auc
 
     recs = _records(cell)["tiny_mia"]
-    payload = cell["payload"]["results"]["tiny_mia"]
+    payload = cell["payload"]["metrics"]["tiny_mia"]
     assert recs[0]["metrics"] == metric_names(payload) and "loss_auc" in recs[0]["metrics"]
     items = [r["loss_auc"] for r in recs]
     members = [s for s, label in items if label == 1]
@@ -199,24 +193,25 @@ def test_layout_keys_and_merge(cell):
                 "chat_template_sha", "system_instruction", "fewshot_as_multiturn", "task_hashes"):
         assert key in view, key
     assert "groups" not in view  # lm-eval writes it only when a group aggregates
-    assert view["n-samples"]["capitals"] == {"original": 6, "effective": 6}
+    assert view["n-samples"]["capitals"] == {"original": len(cell["tasks"]["capitals"].docs()), "effective": 6}
     assert view["config"]["model"] == "llmmem" and view["config"]["model_args"]["dtype"] == "float32"
-    assert view["config"]["random_seed"] == 0 and view["config"]["limit"] == 6
+    assert view["config"]["random_seed"] == 0
+    assert view["config"]["limit"] == {"capitals": 6, "famous_passages": 3, "tiny_mia": None}  # per task
     assert view["configs"]["capitals"]["output_type"] == "generate_until"
     assert view["configs"]["capitals"]["dataset_path"] == "json"
     assert view["configs"]["tiny_mia"]["metric_list"][0]["aggregation"] == "roc_auc"
     assert view["configs"]["famous_passages"]["metadata"]["llmmem"]["suite"] == "extraction"
     assert abs(view["date"] - (json.loads(json.dumps(view))["date"])) < 1e-6 and view["date"] > 1.7e9
 
-    doc = cell_document(payload, view)
-    assert doc["results"] is view["results"] and doc["metrics"] == payload["results"]
-    assert doc["cell_config"] == payload["config"] and doc["environment"] == payload["versions"]
-    assert doc["versions"] == view["versions"] and doc["schema_version"] == payload["schema_version"]
-    assert llmmem_section(doc, "results") == llmmem_section(payload, "results") == payload["results"]
-    assert llmmem_section(doc, "config") == payload["config"] and llmmem_section(view, "results") is None
-    assert to_lm_eval(doc, tasks=cell["tasks"]) == view  # the converter reads the merged layout too
-    assert make_table(doc) == make_table(view)
-    assert "capitals" in make_table(json.loads(json.dumps(doc)))
+    doc = payload  # the written results.json: lm-eval's keys at the top, llmmem's sections beside them
+    for key in ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "config", "model_name"):
+        assert doc[key] == json.loads(json.dumps(view[key])), key
+    assert set(doc["task_hashes"]) == set(cell["tasks"])  # the writer hashed the samples it built
+    assert doc["schema_version"] == 2 and doc["environment"]["llmmem"] and doc["cell_config"]["layout"] == 2
+    assert llmmem_section(doc, "results") == doc["metrics"] and llmmem_section(doc, "config") == doc["cell_config"]
+    assert llmmem_section(view, "results") is None
+    assert to_lm_eval(doc, tasks=cell["tasks"])["results"] == view["results"]  # the converter reads the merged file
+    assert make_table(doc) == make_table(json.loads(json.dumps(view)))
 
 
 def test_lm_eval_metric_filters_map_back():
@@ -249,24 +244,27 @@ def test_lm_eval_metric_filters_map_back():
 
 def test_pruning_cell_config_becomes_plugin_model_args():
     """config.model_args re-runs the cell with lm-eval's CLI: --model llmmem --model_args <those>."""
-    from llmmem.config import PruneSpec
+    from llmmem.cells import Cell, EvalSpec
+    from llmmem.config import ModelSpec
+    from llmmem.interventions import Step
     from llmmem.lm_eval_plugin import parse_interventions
+    from llmmem.pruning.spec import PruneSpec
 
     spec = PruneSpec(method="wanda", sparsity=0.5, structure="2:4", calibration="self", nsamples=16, seqlen=32)
-    payload = {"config": {"model": "smollm2-135m", "model_args": {"dtype": "bfloat16", "device": "cuda",
-                                                                  "offload": False, "max_length": None},
-                          "seed": 3, "pruning": spec.__dict__, "tasks": ["capitals"]},
-               "model": {"name": "smollm2-135m", "fingerprint": "fp"},
+    cell = Cell(ModelSpec(name="smollm2-135m", dtype="bfloat16", device="cuda"), (Step("prune", spec),),
+                EvalSpec(tasks=["capitals"]), 3)
+    payload = {"cell_config": cell.config(), "model": {"name": "smollm2-135m", "fingerprint": "fp"},
+               "run": {"batch_size": 16, "device": "cuda:0"},
                "pruning": {"method": "wanda", "structure": "2:4", "target_sparsity": 0.5,
                            "calibration": {"source": "self", "nsamples": 16, "seqlen": 32, "seed": 3}},
-               "results": {"capitals": {"exact_match": 0.1, "exact_match_stderr": 0.01}}, "n_samples": {"capitals": 10}}
-    args = to_lm_eval(payload)["config"]["model_args"]
-    assert args == {"pretrained": "smollm2-135m", "dtype": "bfloat16", "device": "cuda", "prune": "wanda:0.5:2:4",
+               "metrics": {"capitals": {"exact_match": 0.1, "exact_match_stderr": 0.01}}, "n_samples": {"capitals": 10}}
+    view = to_lm_eval(payload)
+    args = view["config"]["model_args"]
+    assert args == {"pretrained": "smollm2-135m", "dtype": "bfloat16", "prune": "wanda:0.5:2:4",
                     "calibration": "self", "nsamples": 16, "seqlen": 32, "prune_seed": 3}
-    (kind, again), = parse_interventions(args)
-    assert kind == "prune" and again == PruneSpec(**{**spec.__dict__, "seed": 3})
-    payload["config"]["batch_size"] = 16  # a sweep's batch size also drew its self-generated calibration
-    assert to_lm_eval(payload)["config"]["model_args"]["prune_batch_size"] == 16
+    assert view["config"]["device"] == "cuda:0" and view["config"]["batch_size"] == 16
+    (step,) = parse_interventions(args)
+    assert step.kind == "prune" and step.spec == spec
 
 
 @pytest.fixture

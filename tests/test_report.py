@@ -18,7 +18,7 @@ def _cell(run, name, label, chain, rows_by_task, chance=None, suites=None):
                for t, rows in rows_by_task.items()}
     steps = [{"kind": "prune", "label": label, "series": "wanda", "spec": {}, "axis": "sparsity",
               "axis_value": 0.5, "axis_base": 0.0}] if chain else []
-    cd.finish({"config": {"chain": chain, "eval": {"tasks": list(rows_by_task)}, "seed": 0},
+    cd.finish({"cell_config": {"chain": chain, "eval": {"tasks": list(rows_by_task)}, "seed": 0},
                "cell": {"label": label, "steps": steps}, "model": {"name": "m"}, "metrics": metrics,
                "n_samples": {t: len(r) for t, r in rows_by_task.items()}, "seeds": {"seed": 0},
                "tasks": {t: {"suite": (suites or {}).get(t, "recall"), "primary_metric": "exact_match",

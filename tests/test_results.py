@@ -21,7 +21,7 @@ from llmmem.results import (
 
 
 def payload(**extra):
-    d = {"config": {"model": "m", "seed": 0}, "model": {"name": "m", "fingerprint": "abc"},
+    d = {"cell_config": {"model": "m", "seed": 0}, "model": {"name": "m", "fingerprint": "abc"},
          "metrics": {"t": {"acc": 0.5, "acc_stderr": 0.1}}, "n_samples": {"t": 10}, "seeds": {"seed": 0}}
     d.update(extra)
     return d
@@ -34,8 +34,8 @@ def test_finish_writes_schema_and_refuses_overwrite(tmp_path):
     cell.finish(payload())
     assert cell.done
     doc = json.loads(cell.results_path.read_text())
-    assert doc["schema_version"] == SCHEMA_VERSION == 2 and validate_results(doc) == []
-    assert doc["versions"]["llmmem"] and doc["versions"]["torch"]
+    assert doc["schema_version"] == SCHEMA_VERSION == 2 and validate_results(doc, lm_eval=False) == []
+    assert doc["environment"]["llmmem"] and doc["environment"]["torch"]
     assert "total_seconds" in doc["timings"]
     assert (cell.path / "samples_t.jsonl").read_text().count("\n") == 1
     with pytest.raises(CellExistsError, match="--overwrite"):
@@ -59,8 +59,8 @@ def test_missing_keys_and_stderr_are_reported(tmp_path):
     assert not cell.done
     doc = payload(metrics={"t": {"acc": 0.5}})
     doc["schema_version"] = SCHEMA_VERSION
-    doc["versions"], doc["timings"] = {}, {}
-    assert any("acc_stderr" in p for p in validate_results(doc))
+    doc["environment"], doc["timings"] = {}, {}
+    assert any("acc_stderr" in p for p in validate_results(doc, lm_eval=False))
 
 
 def test_corrupt_or_old_results_are_named_not_skipped(tmp_path):

@@ -50,25 +50,22 @@ def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def cache_model_key(fingerprint: str, interventions=None) -> str:
-    """The model part of a cache key: the dense checkpoint's fingerprint plus a hash of the interventions
-    applied to it, in order (e.g. ``[{"prune": PruneSpec.__dict__}, {"quantize": {...}}]``).
+def cache_model_key(fingerprint: str, weights_key: str | None = None) -> str:
+    """The model part of a cache key: the dense checkpoint's fingerprint plus the cell's weights key
+    (``Cell.weights_key()``: a hash of the model identity, the whole intervention chain and the seed).
 
-    Two cells share answers only when both the checkpoint and the whole intervention chain match."""
+    Two cells share answers only when both the checkpoint and the whole chain match: never a dense answer
+    for a pruned cell (lm-eval keys its cache on the model name)."""
     if not isinstance(fingerprint, str) or not fingerprint.strip():
         raise ConfigError(f"cache model key: fingerprint={fingerprint!r} must be a non-empty string")
-    chain = list(interventions or [])
-    if not chain:
-        return f"{fingerprint}+dense"
-    digest = hashlib.sha256(_canonical(_plain(chain)).encode()).hexdigest()[:16]
-    return f"{fingerprint}+{digest}"
+    return f"{fingerprint}+{weights_key or 'dense'}"
 
 
 def _plain(obj):
-    """JSON-able form of specs (dataclasses, paths, tuples) for hashing."""
-    from llmmem.results import _jsonable
+    """JSON-able form of requests (dataclasses, paths, tuples) for hashing."""
+    from llmmem.results import jsonable
 
-    return _jsonable(obj)
+    return jsonable(obj)
 
 
 def tokenizer_fingerprint(tok) -> str | None:

@@ -88,6 +88,10 @@ class Intervention:
     def prepare(self, spec, env: PrepareEnv) -> None:
         """Checks that need the file system (data files, calibration sources), before any model loads."""
 
+    def calibration_needs(self, spec) -> list[tuple]:
+        """(source, nsamples, seqlen) of the calibration samples ``apply`` will ask the context for."""
+        return []
+
     def canonical(self, spec) -> dict:
         return spec.canonical()
 

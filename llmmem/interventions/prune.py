@@ -78,6 +78,9 @@ class Prune(Intervention):
             check_calibration_source(spec.calibration)
             spec.calibration = resolve_calibration(spec.calibration)
 
+    def calibration_needs(self, spec: PruneSpec) -> list[tuple]:
+        return [(spec.calibration, spec.nsamples, spec.seqlen)] if spec.needs_calibration else []
+
     def apply(self, model, spec: PruneSpec, ctx: Context) -> dict:
         from llmmem.pruning import prune
 
