@@ -124,7 +124,8 @@ def _lm_eval_model(backend):
 
 
 # ----------------------------------------------------------------------------- export
-UTILS = '''"""Scoring for llmmem tasks exported to lm-evaluation-harness: llmmem's own scoring code, on the task's YAML."""
+UTILS = '''"""Scoring for llmmem tasks exported to lm-evaluation-harness: llmmem's own scoring code on the task YAMLs
+in llmmem_src/ (one process_<task> per YAML there, so several exports into one directory coexist)."""
 
 from functools import lru_cache
 from pathlib import Path
@@ -134,19 +135,25 @@ HERE = Path(__file__).resolve().parent
 
 @lru_cache(maxsize=None)
 def _task(name):
+    from llmmem.suites import SUITES
     from llmmem.tasks import load_task_file
 
-    return load_task_file(HERE / "llmmem_src" / f"{name}.yaml")
+    task = load_task_file(HERE / "llmmem_src" / f"{name}.yaml")
+    return task, SUITES.get(task.suite)().metrics(task)
 
 
-def make_process_results(name, metrics):
+def make_process_results(name):
     def process_results(doc, results):
         from llmmem.suites.icl import ICLSuite
 
-        task = _task(name)
+        task, metrics = _task(name)
         row = ICLSuite().score_row(task, dict(doc, _row=0), "", results[0])
         return {m: row[m] for m in metrics}
     return process_results
+
+
+for _yaml in sorted((HERE / "llmmem_src").glob("*.yaml")):
+    globals()[f"process_{_yaml.stem}"] = make_process_results(_yaml.stem)
 '''
 
 
@@ -181,7 +188,6 @@ def export_tasks(out_dir: Path, names: list[str] | None = None, include_path: st
     written = []
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "llmmem_src").mkdir(exist_ok=True)
-    funcs = []
     for name in names:
         task = get_task(name, include_path)
         local = all(isinstance(x, str) and not x.startswith("hf:")
@@ -208,7 +214,6 @@ def export_tasks(out_dir: Path, names: list[str] | None = None, include_path: st
         src.write_text(_yaml_dump(raw))
         metrics = SUITES.get(task.suite)().metrics(task)
         fn = f"process_{name}"
-        funcs.append(f"{fn} = make_process_results({name!r}, {metrics!r})")
         gen = task.generation_kwargs
         doc = {
             "task": f"llmmem_{name}",
@@ -234,7 +239,7 @@ def export_tasks(out_dir: Path, names: list[str] | None = None, include_path: st
         text = _yaml_dump(doc)
         path.write_text(text.replace("'!function llmmem_lmeval_utils." + fn + "'", "!function llmmem_lmeval_utils." + fn))
         written.append(path)
-    (out_dir / "llmmem_lmeval_utils.py").write_text(UTILS + "\n\n" + "\n".join(funcs) + "\n")
+    (out_dir / "llmmem_lmeval_utils.py").write_text(UTILS)
     if not written:
         raise ConfigError("no exportable task (recall/icl tasks with local jsonl data)")
     return written

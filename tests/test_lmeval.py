@@ -135,7 +135,7 @@ def test_exported_task_same_prompts_and_scores_under_lm_eval(tmp_path, tiny_test
     ours = run_task(get_task("testbed_recall", inc), b, limit=24, num_fewshot=2, seed=0)
     res = simple_evaluate(model=HFLM(pretrained=b.model, tokenizer=b.tok, batch_size=1, max_length=b.max_length),
                           tasks=["llmmem_testbed_recall"], num_fewshot=2, limit=24, log_samples=True,
-                          task_manager=TaskManager(include_path=[str(out)]), bootstrap_iters=0)
+                          task_manager=TaskManager(include_path=[str(out)], include_defaults=False), bootstrap_iters=0)
     samples = sorted(res["samples"]["llmmem_testbed_recall"], key=lambda s: s["doc_id"])
     assert [_arg_context(s) for s in samples] == [r["prompt"] for r in ours.rows]
     assert [s["resps"][0][0] for s in samples] == [r["response"] for r in ours.rows]
@@ -144,14 +144,18 @@ def test_exported_task_same_prompts_and_scores_under_lm_eval(tmp_path, tiny_test
     assert res["results"]["llmmem_testbed_recall"]["exact_match,none"] == pytest.approx(ours.metrics["exact_match"])
 
 
-def _lm_eval_prompts(out, name, n_docs, num_fewshot=None, seed=1234):
-    """lm-eval's own prompts for an exported task: TaskManager load, set_fewshot_seed, fewshot_context in doc order."""
+def _lm_eval_prompts(out, names, n_docs, num_fewshot=None, seed=1234):
+    """lm-eval's own prompts for exported tasks: TaskManager load, set_fewshot_seed, fewshot_context in doc order."""
     from lm_eval.tasks import TaskManager
 
-    task = TaskManager(include_path=[str(out)]).load_task_or_group([name])[name]
-    task.set_fewshot_seed(seed)
-    k = task.config.num_fewshot if num_fewshot is None else num_fewshot
-    return [task.fewshot_context(d, num_fewshot=k or 0) for _, d in zip(range(n_docs), task.eval_docs)]
+    loaded = TaskManager(include_path=[str(out)], include_defaults=False).load_task_or_group(list(names))
+    prompts = {}
+    for name in names:
+        task = loaded[name]
+        task.set_fewshot_seed(seed)
+        k = task.config.num_fewshot if num_fewshot is None else num_fewshot
+        prompts[name] = [task.fewshot_context(d, num_fewshot=k or 0) for _, d in zip(range(n_docs), task.eval_docs)]
+    return prompts
 
 
 def test_exported_prompts_equal_lm_evals(tmp_path):
@@ -160,10 +164,12 @@ def test_exported_prompts_equal_lm_evals(tmp_path):
     from llmmem.tasks import get_task
 
     out = tmp_path / "exported"
-    export_tasks(out, ["capitals", "associative_recall"])
-    for name, n in (("capitals", 60), ("associative_recall", 30)):
+    export_tasks(out, ["capitals"])
+    export_tasks(out, ["associative_recall"])  # a second export into the same directory keeps the first working
+    theirs = _lm_eval_prompts(out, ["llmmem_capitals", "llmmem_associative_recall"], 60)
+    for name in ("capitals", "associative_recall"):
         task = get_task(name)
-        assert _lm_eval_prompts(out, f"llmmem_{name}", n) == task.prompts(task.docs(limit=n), task.num_fewshot, seed=0)
+        assert theirs[f"llmmem_{name}"] == task.prompts(task.docs(limit=60), task.num_fewshot, seed=0)
 
 
 @pytest.mark.parametrize("sampler", ["default", "first_n"])
@@ -185,5 +191,6 @@ def test_exported_prompts_with_fewshot_file_filter_and_description(tmp_path, sam
     export_tasks(tmp_path / "out", ["t"], include_path=str(d))
     ours = task.prompts(task.docs(), 4, seed=0)
     assert len(ours) == 20 and ours[0].startswith("Answer keep questions:\n\nQ: question ")
-    assert _lm_eval_prompts(tmp_path / "out", "llmmem_t", 20) == ours
-    assert _lm_eval_prompts(tmp_path / "out", "llmmem_t", 20, num_fewshot=2, seed=1241) == task.prompts(task.docs(), 2, 7)
+    assert _lm_eval_prompts(tmp_path / "out", ["llmmem_t"], 20)["llmmem_t"] == ours
+    other = _lm_eval_prompts(tmp_path / "out", ["llmmem_t"], 20, num_fewshot=2, seed=1241)["llmmem_t"]
+    assert other == task.prompts(task.docs(), 2, seed=7) != ours
