@@ -293,12 +293,14 @@ def cell_payload(session: Session, cell: Cell, reports: list[dict], warnings: li
         "n_samples": {r.task: r.n_samples for r in results},
         "tasks": {r.task: {"version": r.version, "hash": r.hash, "num_fewshot": r.num_fewshot, "seconds": r.seconds,
                            "suite": r.suite, "primary_metric": r.primary_metric, "chance": r.chance,
-                           **({"conventions": r.conventions} if getattr(r, "conventions", None) else {})}
+                           "conventions": r.conventions, "n_truncated": r.n_truncated}
                   for r in results},
         "seeds": {"seed": cell.seed},
         "run": {"batch_size": session.batch_size, "device": str(session.device), "log_samples": log_samples,
                 "backend": cell.eval.backend},
-        "warnings": warnings + [w for r in results for w in getattr(r, "warnings", [])],
+        "warnings": warnings + [f"{r.task}: {r.n_truncated} request(s) did not fit the model's context "
+                                f"(prompts left-cut, or long texts scored in windows)"
+                                for r in results if r.n_truncated],
         "timings": dict(timings, load_seconds=session.load_seconds,
                         eval_seconds=round(sum(r.seconds for r in results), 3)),
     }

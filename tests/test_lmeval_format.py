@@ -3,8 +3,8 @@ W&B logger's result and sample readers, datasets on the samples jsonl)."""
 
 import copy
 import json
-from pathlib import Path
 import math
+from pathlib import Path
 
 import pytest
 

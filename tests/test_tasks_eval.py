@@ -172,7 +172,8 @@ def test_eval_cli_writes_a_valid_cell(tmp_path, llama_dir, capsys):
         assert len(rows) == doc["n_samples"][t] == 6
         assert "response" in rows[0] and "id" in rows[0]
     assert "prompt" in json.loads((cell / "samples_capitals.jsonl").read_text().splitlines()[0])
-    assert doc["tasks"]["capitals"]["version"] == 1 and len(doc["tasks"]["capitals"]["hash"]) == 16
+    assert doc["tasks"]["capitals"]["version"] == 2 and len(doc["tasks"]["capitals"]["hash"]) == 16
+    assert doc["tasks"]["capitals"]["n_truncated"] == 4 and any("capitals: 4 request" in w for w in doc["warnings"])
     # a finished cell is not overwritten
     assert run_cli(["eval", "--model", llama_dir, "--tasks", ",".join(OFFLINE), "--limit", "6", "--output_path", out,
                     "--quiet"]) == 2
