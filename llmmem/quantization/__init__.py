@@ -14,12 +14,12 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-import torch
-
 from llmmem import __version__
 from llmmem.config import ConfigError
-from llmmem.models import Block, decoder_blocks
 from llmmem.quantization.spec import QuantizeSpec
+
+# torch and the model code are imported inside the functions: ``llmmem.quantization.spec`` (and this
+# package's __init__, which Python runs first) must stay importable without torch.
 
 __all__ = ["QuantizeSpec", "QuantizationReport", "quantize", "SCALE_BITS"]
 
@@ -58,7 +58,7 @@ class QuantizationReport:
         return out
 
 
-def check_shapes(blocks: list[Block], spec: QuantizeSpec) -> None:
+def check_shapes(blocks: list, spec: QuantizeSpec) -> None:
     """Every quantized linear's input size must be a multiple of the group size (as compressed-tensors)."""
     if spec.group_size is None:
         return
@@ -72,7 +72,7 @@ def check_shapes(blocks: list[Block], spec: QuantizeSpec) -> None:
                                   f"{b.name}.{name}; use {hint} or group_size=-1 (per channel)")
 
 
-def max_distinct(Wq: torch.Tensor, group_size: int | None) -> int:
+def max_distinct(Wq, group_size: int | None) -> int:
     """Most distinct values in one group (a group: ``group_size`` consecutive inputs of one output row)."""
     from llmmem.quantization.rtn import groups
 
@@ -90,7 +90,7 @@ def _effective_bits(spec: QuantizeSpec, shapes: list[tuple[int, int]]) -> tuple[
     return (spec.bits + extra / total if total else float(spec.bits)), note
 
 
-def _hessian_hooks(blk: Block, store: dict, device):
+def _hessian_hooks(blk, store: dict, device):
     from llmmem.pruning.sparsegpt import HessianStats
 
     stats = {name: HessianStats(ref.in_features, device) for name, ref in blk.linears.items()}
@@ -100,10 +100,24 @@ def _hessian_hooks(blk: Block, store: dict, device):
     return lambda: [h.remove() for h in handles]
 
 
-@torch.no_grad()
-def quantize(model, spec: QuantizeSpec, calibration=None, *, device: torch.device | None = None,
-             batch_size: int = 8, offload: bool = False, quiet: bool = True) -> QuantizationReport:
-    """Quantize the decoder blocks' linears of ``model`` in place (dequantized weights, the model's dtype)."""
+def quantize(model, spec: QuantizeSpec, calibration=None, *, device=None, batch_size: int = 8,
+             offload: bool = False, quiet: bool = True) -> QuantizationReport:
+    """Quantize the decoder blocks' linears of ``model`` in place (dequantized weights, the model's dtype).
+
+    ``calibration`` (a :class:`llmmem.pruning.calibration.Calibration`) is needed by gptq only; ``device``
+    is where the work runs (default: the model's); ``offload`` keeps the body on the CPU and brings one
+    block at a time to ``device`` (gptq).
+    """
+    import torch
+
+    with torch.no_grad():
+        return _quantize(model, spec, calibration, device, batch_size, offload, quiet)
+
+
+def _quantize(model, spec, calibration, device, batch_size, offload, quiet) -> QuantizationReport:
+    import torch
+
+    from llmmem.models import decoder_blocks
     from llmmem.quantization.gptq import gptq_quantize, hessian_error
     from llmmem.quantization.rtn import rtn_quantize
 
@@ -119,7 +133,7 @@ def quantize(model, spec: QuantizeSpec, calibration=None, *, device: torch.devic
     shapes: list[tuple[int, int]] = []
     sums = {"err": 0.0, "norm": 0.0, "zb": 0, "za": 0, "zp": 0, "distinct": 0}
 
-    def quantize_block(blk: Block, stats: dict | None) -> None:
+    def quantize_block(blk, stats: dict | None) -> None:
         for name, ref in blk.linears.items():
             key = f"{blk.name}.{name}"
             W = ref.weight.to(device)

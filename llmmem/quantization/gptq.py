@@ -16,8 +16,9 @@
 of doing so is propagated like any other quantization error (the SparseGPT joint sparse + quantized
 update). Zero is always on the quantization grid, so no extra value appears in a group.
 
-Where llm-compressor falls back to round-to-nearest for a Hessian that is not positive definite, this
-code (sharing SparseGPT's ``_inverse_cholesky``) retries with 10x the dampening, and says so in notes.
+A Hessian that is not positive definite is retried with 10x the dampening (SparseGPT's
+``_inverse_cholesky``); if that never works the layer falls back to round-to-nearest, as llm-compressor
+does at once. Both are recorded in ``notes``.
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    U = _inverse_cholesky(H, dampening_frac, where, notes)
+    try:
+        U = _inverse_cholesky(H, dampening_frac, where, notes)
+    except RuntimeError as e:
+        notes.append(f"{e}; round-to-nearest for this layer")
+        U = torch.eye(cols, device=W.device)
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
