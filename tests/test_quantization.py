@@ -394,6 +394,22 @@ def test_save_compressed_tensors_reads_back_the_same_weights(quantized, tmp_path
         assert torch.equal(state[k], v), k
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gemma", "phi3"])  # biases, a tied head, fused qkv/gate_up
+def test_save_compressed_tensors_other_architectures(arch, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from llmmem.config import ModelSpec
+    from llmmem.models import load_model
+    from llmmem.quantization.io import read_compressed, save_quantized
+
+    lm = load_model(ModelSpec(str(tiny.save_checkpoint(tmp_path / arch, arch)), device="cpu"))
+    spec = QuantizeSpec("rtn", 4, 16, symmetric=False)
+    out = save_quantized(lm, spec, quantize(lm.model, spec), tmp_path / "q", format="compressed-tensors")
+    state, ref = read_compressed(out), lm.model.state_dict()
+    tied = {"lm_head.weight"} if lm.model.config.tie_word_embeddings else set()
+    assert set(state) == set(ref) - tied
+    assert all(torch.equal(state[k], ref[k]) for k in state)
+
+
 def test_save_compressed_tensors_bfloat16_and_off_grid_weights(llama_dir, tmp_path):
     pytest.importorskip("compressed_tensors")
     from llmmem.config import ModelSpec

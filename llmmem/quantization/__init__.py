@@ -145,8 +145,8 @@ def _quantize(model, spec, calibration, device, batch_size, offload, quiet) -> Q
                                               act_order=spec.act_order, block_size=spec.block_size,
                                               dampening_frac=spec.dampening_frac,
                                               keep_sparsity=spec.keep_sparsity, where=key, notes=notes)
-            d = (W.float() - Wq.float()).norm() ** 2
-            n = W.float().norm() ** 2
+            Wf = W.float()
+            d, n = (Wf - Wq.float()).square().sum(), Wf.square().sum()
             zero0, zero1 = W == 0, Wq == 0
             row = {"rel_error": round(float((d / n).sqrt()) if n > 0 else 0.0, 6)}
             if stats is not None:

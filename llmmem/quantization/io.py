@@ -144,6 +144,6 @@ def read_compressed(path: str | Path) -> dict:
         state.update(load_file(str(f)))
     for key in [k for k in state if k.endswith(".weight_packed")]:
         prefix = key[: -len("weight_packed")]
-        local = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+        local = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix + "weight_")}
         state[prefix + "weight"] = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
     return state
