@@ -43,7 +43,9 @@ class QuantizationReport:
     zeros_before: int
     zeros_after: int
     zeros_preserved: int  # positions zero before and after
-    per_linear: dict  # name -> rel_error, [hessian_error], max_distinct, zeros_before, zeros_after
+    # name -> rel_error (||W - Wq||_F / ||W||_F), hessian_error (gptq: ||(W - Wq) X^T|| / ||W X^T|| on the
+    # calibration inputs X of that layer), max_distinct, zeros_before, zeros_after
+    per_linear: dict
     calibration: dict | None
     seconds: float
     notes: list = field(default_factory=list)

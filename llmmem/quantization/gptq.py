@@ -79,7 +79,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
 
 
 def hessian_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
-    """Relative output error on the calibration inputs: ``tr(dW H dW^T) / tr(W H W^T)`` (H undampened)."""
+    """Relative output error on the calibration inputs X, ``||(W - Wq) X^T||_F / ||W X^T||_F``, from the
+    undampened ``H ~ X^T X``: ``sqrt(tr(dW H dW^T) / tr(W H W^T))``."""
     W, D = W.float(), (W.float() - Wq.float())
     den = ((W @ H) * W).sum()
-    return float(((D @ H) * D).sum() / den) if den > 0 else 0.0
+    return float((((D @ H) * D).sum() / den).clamp(min=0).sqrt()) if den > 0 else 0.0
