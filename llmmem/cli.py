@@ -182,6 +182,37 @@ def cmd_prune(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- quantize
+def _quantize_step(args):
+    from llmmem.interventions import Step
+    from llmmem.quantization.spec import QuantizeSpec
+
+    spec = QuantizeSpec(method=args.method, bits=args.bits, group_size=args.group_size,
+                        symmetric=not args.asymmetric, act_order=args.act_order, dampening_frac=args.dampening_frac,
+                        calibration=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen,
+                        keep_sparsity=not args.no_keep_sparsity)
+    return Step("quantize", spec)
+
+
+def cmd_quantize(args) -> int:
+    from llmmem.config import parse_choice
+
+    settings = settings_from(args)
+    fmt = parse_choice("--format", args.format, ("fake", "compressed-tensors"))
+    if fmt == "compressed-tensors":
+        try:
+            import compressed_tensors  # noqa: F401
+        except ImportError:
+            raise ConfigError("--format compressed-tensors needs the compressed-tensors package: "
+                              "pip install 'llmmem[quantize]'") from None
+    cell = _checkpoint_cell(args, [_quantize_step(args)])
+    payload = _single_cell_run(args, cell, settings=settings, save_to=args.output, save_format=fmt)
+    rep = payload["quantization"]
+    print(f"{rep['label']}: {rep['effective_bits']:.3f} bits per weight, relative error {rep['relative_error']:.4f}, "
+          f"at most {rep['max_distinct_per_group']} values per group in {rep['seconds']:.1f}s -> {args.output} ({fmt})")
+    return 0
+
+
 # ----------------------------------------------------------------------------- eval
 def eval_spec_of(args, tasks):
     from llmmem.cells import EvalSpec
@@ -554,6 +585,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seqlen", type=int, default=None, help="tokens per calibration sequence (default 2048 capped "
                    "at the model's positions, or the token file's)")
     g.add_argument("--output", required=True, help="directory for the pruned checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    add_run_flags(p)
+
+    p = add("quantize", cmd_quantize, "Quantize a model's weights (RTN or GPTQ, 2-8 bits) and save a checkpoint.",
+            _examples("llmmem quantize --model smollm2-135m --method rtn --bits 4 --group_size 32 --output q/rtn4",
+                      "llmmem quantize --model ./pruned/wanda50 --method gptq --bits 4 --group_size 64 --calibration self "
+                      "--nsamples 32 --seqlen 256 --output q/sparse-gptq4   # zeros stay zeros",
+                      "llmmem quantize --model ./ckpt --method gptq --bits 4 --group_size 128 --format compressed-tensors "
+                      "--output q/w4a16   # a checkpoint vLLM serves"))
+    add_model_flags(p)
+    g = p.add_argument_group("quantization (weight-only)")
+    g.add_argument("--method", required=True, help="rtn (round to nearest) | gptq")
+    g.add_argument("--bits", default="4", help="2 | 3 | 4 | 8 (default 4)")
+    g.add_argument("--group_size", default="128", help="input columns per scale (default 128); -1 = per output channel")
+    g.add_argument("--asymmetric", action="store_true", help="a zero-point per group (default symmetric)")
+    g.add_argument("--act_order", default=None, help="gptq: true | false (default true, as llm-compressor)")
+    g.add_argument("--dampening_frac", default="0.01", help="gptq: Hessian dampening, fraction of mean(diag H)")
+    g.add_argument("--no_keep_sparsity", action="store_true", help="let zeros of a pruned model change")
+    g.add_argument("--calibration", default="auto", metavar="SRC", help="gptq: as `llmmem prune --calibration`")
+    g.add_argument("--nsamples", default=None, help="gptq: calibration sequences (default 128)")
+    g.add_argument("--seqlen", default=None, help="gptq: tokens per calibration sequence")
+    g.add_argument("--format", default="fake", help="fake (dequantized safetensors, loads anywhere) | "
+                   "compressed-tensors (packed, served by vLLM)")
+    g.add_argument("--output", required=True, help="directory for the quantized checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     add_run_flags(p)
 

@@ -74,8 +74,10 @@ def compressed_state_dict(model, spec: QuantizeSpec, report) -> tuple[dict, dict
     return state, {"roundtrip_max_abs_diff": worst, "roundtrip_identical": same / total if total else 1.0}
 
 
-def save_quantized(lm: LoadedModel, spec: QuantizeSpec, report, output: str | Path, format: str = "fake") -> Path:
-    """Write the quantized model to ``output`` (atomically replaced) in ``format``; returns ``output``."""
+def save_quantized(lm: LoadedModel, spec: QuantizeSpec, report, output: str | Path, format: str = "fake",
+                   sidecars: dict | None = None) -> Path:
+    """Write the quantized model to ``output`` (atomically replaced) in ``format``; returns ``output``.
+    ``sidecars``: more JSON files to write beside it ({file name: document}, e.g. the cell's chain)."""
     if format not in FORMATS:
         raise ConfigError(f"format={format!r} is not valid; choose from: {', '.join(FORMATS)}")
     model = lm.model
@@ -109,6 +111,9 @@ def save_quantized(lm: LoadedModel, spec: QuantizeSpec, report, output: str | Pa
                "format": format, "spec": spec.to_dict(), **report.to_dict(), "versions": _versions()}
         if roundtrip is not None:
             doc["roundtrip"] = roundtrip
+        for name, extra in (sidecars or {}).items():
+            if name != "quantization.json":
+                atomic_write_json(tmp / name, {**extra, "versions": _versions()})
         atomic_write_json(tmp / "quantization.json", doc)
     return out
 
