@@ -267,7 +267,7 @@ def test_report_effective_bits_and_zeros():
 
 
 def test_pruned_then_gptq_keeps_zeros():
-    from llmmem.config import PruneSpec
+    from llmmem.pruning.spec import PruneSpec
     from llmmem.pruning import prune
 
     model = tiny.make_model("llama")
