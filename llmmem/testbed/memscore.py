@@ -288,8 +288,9 @@ def plan_memscore(preset: str, models: int, seed: int, loo: int = 0, config=None
 
 
 def _check_output(out: Path, key: str, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output {out} exists and is not a directory")
+    from llmmem.config import check_output_path
+
+    check_output_path("--output", out)  # a directory that exists and is writable, or can be created
     if not out.is_dir():
         return
     others = [p for p in out.iterdir() if p.name != WORK and not p.name.startswith(".llmmem-partial-")]
@@ -325,8 +326,7 @@ def run_memscore(output: str | Path, preset: str = "tiny", models: int = 4, seed
     work = out / WORK
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_json(work / "plan.json", {"key": plan["key"], "settings": plan["settings"]})
-    if not (work / "tasks" / "testbed_canaries.yaml").is_file():
-        write_tasks(world, work)  # scored without exposure (score_model)
+    write_tasks(world, work)  # what score_model reads (rewritten on resume: it is cheap)
     records = []
     for n, run in enumerate(plan["runs"], 1):
         path = work / f"model-{run['name']}.json"
