@@ -425,6 +425,35 @@ def cmd_unlearn(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- durability
+def cmd_durability(args) -> int:
+    from llmmem.durability import load_durability, plot, run_durability, write_report
+
+    spec = load_durability(args.config, args.overrides, output_path=args.output_path)
+    if args.plot:
+        from llmmem.plots import require_matplotlib
+
+        require_matplotlib()
+    settings = RunSettings(batch_size=spec.batch_size, seed=spec.seeds[0], quiet=args.quiet, threads=args.threads)
+    if not args.dry_run:
+        setup_torch(settings)
+    run_dir = run_durability(spec, quiet=args.quiet, dry_run=args.dry_run, overwrite=args.overwrite)
+    if args.dry_run:
+        return 0
+    from llmmem.report import build_report
+    from llmmem.results import atomic_write_text
+
+    atomic_write_text(run_dir / "report.md", build_report(run_dir) + "\n")
+    path = write_report(run_dir)
+    print(f"\nwrote {run_dir / 'report.md'}\nwrote {path}")
+    if args.plot:
+        from llmmem.plots import plot_run
+
+        for p in plot_run(run_dir) + plot(run_dir):
+            print(f"wrote {p}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- testbed
 def cmd_testbed(args) -> int:
     from llmmem.testbed.train import build_testbed, preset_config
@@ -652,6 +681,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", default=None)
     p.add_argument("--quiet", action="store_true")
 
+    p = add("durability", cmd_durability,
+            "Unlearn, then compress or relearn: does forgotten knowledge come back (beside a model retrained "
+            "without it), and which examples disappear first?",
+            _examples("llmmem durability configs/durability-testbed.yaml --plot",
+                      "llmmem durability configs/durability-testbed.yaml --dry_run",
+                      "llmmem durability configs/durability-testbed-tiny.yaml output_path=results/dur-tiny"))
+    p.add_argument("config", help="durability YAML (see configs/durability-testbed.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys (YAML values)")
+    p.add_argument("--output_path", default=None)
+    p.add_argument("--overwrite", action="store_true", help="redo finished cells")
+    p.add_argument("--dry_run", action="store_true", help="print the plan and stop")
+    p.add_argument("--plot", action="store_true")
+    p.add_argument("--threads", default=None)
+    p.add_argument("--quiet", action="store_true")
+
     p = add("report", cmd_report, "Markdown table of a run (absolute and normalised to dense); writes report.md.",
             _examples("llmmem report results/quickstart"))
     p.add_argument("run_dir")
@@ -729,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:
         # sweep overrides may follow options (argparse stops filling a positional list at the first option)
-        if getattr(args, "command", None) in ("sweep", "unlearn") and all("=" in e and not e.startswith("-")
+        if getattr(args, "command", None) in ("sweep", "unlearn", "durability") and all("=" in e and not e.startswith("-")
                                                                             for e in extra):
             args.overrides = list(args.overrides) + extra
         else:

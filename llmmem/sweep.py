@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 LOCK_FILE = ".llmmem.lock"
 PRUNE_GRID_KEYS = ("methods", "structures", "sparsities", "profiles", "calibration", "nsamples", "seqlen")
 EVAL_KEYS = ("tasks", "limit", "num_fewshot", "backend", "apply_chat_template", "fewshot_as_multiturn",
-             "system_instruction", "gen_kwargs", "mia_reference", "predict_only")
+             "system_instruction", "gen_kwargs", "mia_reference", "predict_only", "track")
 SWEEP_KEYS = {"models", "model_args", "interventions", "seeds", "batch_size", "output_path", "include_path",
               "description", "log_samples", "use_cache", *PRUNE_GRID_KEYS, *EVAL_KEYS}
 
@@ -51,6 +51,7 @@ SWEEP_KEYS = {"models", "model_args", "interventions", "seeds", "batch_size", "o
 class ModelEntry:
     spec: ModelSpec
     include_path: str | None = None
+    chains: list | None = None  # this model's own chains (else the sweep's)
 
 
 @dataclass
@@ -69,6 +70,9 @@ class SweepSpec:
     use_cache: str | None = None
     warnings: list = field(default_factory=list)
     doc: dict = field(default_factory=dict)
+
+    def chains_for(self, entry: ModelEntry) -> list:
+        return self.chains if entry.chains is None else entry.chains
 
 
 def _models(doc: dict) -> list[ModelEntry]:
@@ -199,7 +203,11 @@ def prepare(spec: SweepSpec) -> dict:
         check_tasks(tasks, spec.eval.limit_for)
         tasks_by_model[entry.spec.display_name] = tasks
         env = PrepareEnv(include_path=entry.include_path, model=name)
-        for chain in spec.chains:
+        if spec.eval.track:
+            from llmmem.tracking import prepare_track
+
+            prepare_track(spec.eval.track, entry.include_path)
+        for chain in spec.chains_for(entry):
             for step in chain:
                 step.intervention.prepare(step.spec, env)
     check_backend(spec.eval.backend)
@@ -210,7 +218,7 @@ def plan(spec: SweepSpec, run_dir: Path) -> list[PlannedCell]:
     cells = []
     for entry in spec.models:
         for seed in spec.seeds:
-            for chain in with_prefixes(spec.chains):
+            for chain in with_prefixes(spec.chains_for(entry)):
                 cell = Cell(entry.spec, chain, spec.eval, seed)
                 pc = PlannedCell(cell, entry)
                 path = run_dir / cell.name() / "results.json"
