@@ -304,29 +304,82 @@ def cmd_sweep(args) -> int:
 
     from llmmem.sweep import load_sweep_spec, run_sweep
 
-    cli = {"output_path": args.output_path, "use_cache": args.use_cache}
+    if args.status is not None:
+        return _sweep_status(args)
+    if args.config is None:
+        raise ConfigError("sweep: give a config file (see configs/), or --status RUN_DIR")
+    cli = {"output_path": args.output_path, "use_cache": args.use_cache, "executor": args.executor,
+           "workers": args.workers}
     spec = load_sweep_spec(args.config, args.overrides, **cli)
+    if args.wait:
+        spec.executor.slurm["wait"] = True
     settings = RunSettings(batch_size=spec.batch_size, seed=spec.seeds[0], quiet=args.quiet, threads=args.threads)
     if args.plot:
         from llmmem.plots import require_matplotlib
 
         require_matplotlib()
-    if not args.dry_run:
-        setup_torch(settings)
+    if not args.dry_run and not spec.executor.workers and spec.executor.kind == "local":
+        setup_torch(settings)  # the cells run in this process
     run_dir = Path(spec.output_path)
-    run_sweep(spec, run_dir, overwrite=args.overwrite, quiet=args.quiet, dry_run=args.dry_run)
-    if not args.dry_run:
+    cells = run_sweep(spec, run_dir, overwrite=args.overwrite, quiet=args.quiet, dry_run=args.dry_run,
+                      threads=settings.threads if args.threads is not None else None)
+    if args.dry_run:
+        return 0
+    return _sweep_finish(args, run_dir, cells)
+
+
+def _sweep_finish(args, run_dir, cells) -> int:
+    """After a sweep: the report (and plots) of what is done, and what is not: failed cells (exit 1), cells
+    left to other workers or submitted to Slurm (exit 0)."""
+    failed = [c for c in cells if c.failed]
+    left = [c for c in cells if c.left and not c.done]
+    if any(c.done for c in cells):
         from llmmem.report import build_report
         from llmmem.results import atomic_write_text
 
         text = build_report(run_dir)
         atomic_write_text(run_dir / "report.md", text + "\n")
-        print(f"\nwrote {run_dir / 'report.md'}")
+        print(f"\nwrote {run_dir / 'report.md'}" + (" (finished cells only)" if failed or left else ""))
         if args.plot:
             from llmmem.plots import plot_run
 
             for p in plot_run(run_dir):
                 print(f"wrote {p}")
+    if left:
+        print(f"{len(left)} cell(s) are being computed by other workers or queued in Slurm; "
+              f"follow them with: llmmem sweep --status {run_dir}")
+    if failed:
+        print(f"{len(failed)} cell(s) failed:")
+        for c in failed:
+            print(f"  {c.cell.name()}: {c.failed.splitlines()[0][:300]}")
+        print(f"tracebacks in {run_dir / '.failed'}; rerun the same command to retry them")
+        return 1
+    return 0
+
+
+def _sweep_status(args) -> int:
+    """``llmmem sweep --status RUN_DIR`` (the plan recorded in its sweep.json) or ``llmmem sweep CONFIG
+    --status`` (the config's plan, in its output_path)."""
+    from pathlib import Path
+
+    from llmmem.executors import format_status, plan_record, status_of_run_dir
+
+    config = args.config
+    status = args.status if isinstance(args.status, str) else None
+    if status and status.endswith((".yaml", ".yml")) and config is None:
+        config, status = status, None  # `llmmem sweep --status CONFIG.yaml`
+    if config is None:
+        if not status:
+            raise ConfigError("sweep --status: give the run directory (--status RUN_DIR) or a config")
+        print(status_of_run_dir(Path(status)))
+        return 0
+    from llmmem.sweep import load_sweep_spec, plan, prepare
+
+    cli = {"output_path": status or args.output_path}
+    spec = load_sweep_spec(config, args.overrides, **cli)
+    run_dir = Path(spec.output_path)
+    prepare(spec)
+    print(format_status(run_dir, plan_record(plan(spec, run_dir))))
     return 0
 
 
@@ -669,8 +722,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sweep", cmd_sweep, "Run a grid (models x pruning x sparsities, plus dense) on tasks; resumable.",
             _examples("llmmem sweep configs/quickstart.yaml --plot",
                       "llmmem sweep configs/quickstart.yaml sparsities=[0.3,0.6] limit=20 --output_path results/small",
-                      "llmmem sweep configs/testbed.yaml --dry_run"))
-    p.add_argument("config", help="sweep YAML (see configs/)")
+                      "llmmem sweep configs/testbed.yaml --dry_run",
+                      "llmmem sweep configs/testbed.yaml --executor local --workers 2",
+                      "llmmem sweep configs/gpu/pythia-1.4b-prune.yaml --executor slurm",
+                      "llmmem sweep --status results/pythia-1.4b"))
+    p.add_argument("config", nargs="?", default=None, help="sweep YAML (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys (YAML values)")
     p.add_argument("--output_path", default=None, help="run directory (overrides the config's)")
     p.add_argument("--overwrite", action="store_true", help="redo finished cells")
@@ -678,7 +734,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", action="store_true", help="draw the figures when done (needs the plot extra)")
     p.add_argument("--use_cache", default=None, metavar="DIR",
                    help="answer repeated requests from a sqlite cache in DIR (keyed by each cell's weights)")
-    p.add_argument("--threads", default=None)
+    g = p.add_argument_group("executor (where the cells run; see docs/architecture.md)")
+    g.add_argument("--executor", default=None, help="local (default) | slurm (a submitit job array; the config's "
+                   "slurm: {partition, gpus_per_node, cpus_per_task, mem_gb, time_min, ...})")
+    g.add_argument("--workers", default=None, help="executor local: N worker processes (one GPU each when GPUs "
+                   "are visible, else the CPU threads split between them)")
+    g.add_argument("--wait", action="store_true", help="executor slurm: wait for the job array, then report")
+    g.add_argument("--status", nargs="?", const=True, default=None, metavar="RUN_DIR",
+                   help="show done / running / queued / failed / pending cells of RUN_DIR (or of the config's "
+                        "output_path) and stop")
+    p.add_argument("--threads", default=None, help="CPU threads for torch (per worker with --workers)")
     p.add_argument("--quiet", action="store_true")
 
     p = add("durability", cmd_durability,
