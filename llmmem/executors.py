@@ -596,7 +596,10 @@ def _run_slurm(job: WorkerJob, ex: ExecutorSpec, print_fn, outcome: Outcome) -> 
     results = []
     for j in jobs:
         try:
-            results.append(j.result())
+            res = j.result()
+            results.append(res)
+            print_fn(f"[task {j.job_id}] {len(res['done'])} cell(s) done, {len(res['failed'])} failed, "
+                     f"{len(res['skipped'])} left to other workers (on {res['host']})")
         except Exception as e:  # noqa: BLE001 - the task died: its claims say which cell
             outcome.messages.append(f"array task {j.job_id} failed: {' '.join(str(e).split())[:300]}")
     claims = Claims(run_dir, Identity(worker="coordinator", run_id=job.run_id))
@@ -609,7 +612,7 @@ def _run_slurm(job: WorkerJob, ex: ExecutorSpec, print_fn, outcome: Outcome) -> 
 
 def queued_units(run_dir: Path) -> dict[str, str]:
     """Units in Slurm array tasks still PENDING or RUNNING (``squeue``), from the run's submissions: unit key
-    -> job id. Empty without Slurm (or for submitit's local cluster, whose jobs end with their command)."""
+    -> "Slurm task <id>, <state>". Empty without Slurm (or for submitit's local cluster, whose jobs end with their command)."""
     path = Path(run_dir) / EXECUTOR_DIR / SUBMISSIONS
     if not path.exists() or shutil.which("squeue") is None:
         return {}
@@ -634,7 +637,7 @@ def queued_units(run_dir: Path) -> dict[str, str]:
         jid, _, state = line.strip().partition("|")
         if state in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED", "RESIZING", "SUSPENDED") and jid in by_job:
             for u in by_job[jid]:
-                queued[u] = jid
+                queued[u] = f"Slurm task {jid}, {state.lower()}"
     return queued
 
 
@@ -705,7 +708,7 @@ def cell_states(run_dir: Path, cells: list[dict]) -> list[tuple[dict, str, str]]
         elif held and held[1] and name in (held[0].get("cells") or []):
             out.append((c, "queued", f"next in {who}"))
         elif c.get("unit") in queued:
-            out.append((c, "queued", f"Slurm job {queued[c['unit']]} not started"))
+            out.append((c, "queued", queued[c["unit"]]))
         elif name in failures:
             f = failures[name]
             tb = f" (traceback: {run_dir / f['traceback']})" if f.get("traceback") else ""
