@@ -330,3 +330,62 @@ def test_units_keep_prefixes_with_the_chains_extending_them():
     works = make_units(_planned(done=("dense", "npo-10steps", "npo-10steps+magnitude-unstructured-s0.3",
                                       "npo-10steps+magnitude-unstructured-s0.5")))
     assert [u.name.split("/")[1].rsplit("-", 1)[0] for u in works[0].units] == ["grad_diff-10steps"]
+
+
+# ----------------------------------------------------------------------------- a real Slurm (slow)
+@pytest.fixture(scope="module")
+def slurm_conf(tmp_path_factory):
+    """A single-node Slurm cluster started for these tests (tests/slurm_single_node.sh: root, slurm-wlm,
+    munge), or the one $SLURM_CONF points to."""
+    import shutil
+
+    pytest.importorskip("submitit")
+    if os.environ.get("SLURM_CONF") and subprocess.run(["sinfo"], capture_output=True).returncode == 0:
+        yield os.environ["SLURM_CONF"]
+        return
+    if os.geteuid() != 0 or not all(shutil.which(b) for b in ("slurmctld", "slurmd", "munged", "sbatch", "squeue")):
+        pytest.skip("no Slurm here (needs root and slurm-wlm to start a single-node cluster)")
+    d = tmp_path_factory.mktemp("slurm")
+    script = ROOT / "tests" / "slurm_single_node.sh"
+    env = dict(os.environ, SLURM_TEST_PORT="16917")
+    started = subprocess.run([str(script), "start", str(d)], capture_output=True, text=True, env=env)
+    if started.returncode != 0:
+        pytest.skip(f"single-node Slurm did not start: {started.stderr.strip()[-300:]}")
+    try:
+        yield str(d / "slurm.conf")
+    finally:
+        subprocess.run([str(script), "stop", str(d)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_real_slurm_single_node(tmp_path, llama_dir, serial, slurm_conf, capsys, monkeypatch):
+    """sbatch job array on a real (single-node) Slurm: --status while it runs, a rerun while tasks are queued
+    submits nothing (squeue), the numbers are the serial run's, a rerun after it finished submits nothing."""
+    monkeypatch.setenv("SLURM_CONF", slurm_conf)
+    monkeypatch.setenv("PYTHONPATH", cli_env()["PYTHONPATH"])
+    run = tmp_path / "run"
+    cfg = write_cfg(tmp_path / "sweep.yaml", llama_dir, run, executor="slurm",
+                    slurm={"cells_per_task": 3, "cpus_per_task": 1, "mem_gb": 2, "time_min": 20,
+                           "array_parallelism": 1, "setup": ["export LLMMEM_THREADS=1"]})
+    assert run_cli(["sweep", cfg, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "executor slurm (slurm): submitted 2 array task(s)" in out and "--status" in out
+    # while the array runs (one task at a time: array_parallelism 1), the same command submits nothing more
+    assert run_cli(["sweep", cfg, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "5 cell(s) already queued in Slurm jobs of an earlier command: not submitted again" in out
+    assert "submitted" not in out.replace("not submitted again", "")
+    seen = set()
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        assert run_cli(["sweep", "--status", run]) == 0
+        status = capsys.readouterr().out
+        seen |= {s for s in ("queued", "running") if f"  {s} " in status}
+        if "5 done" in status:
+            break
+        time.sleep(1)
+    assert "5 cells: 5 done" in status, status
+    assert "queued" in seen
+    assert results_of(run) == serial
+    assert run_cli(["sweep", cfg, "--quiet"]) == 0
+    assert "plan: 5 cells, 5 already done" in capsys.readouterr().out
