@@ -457,14 +457,23 @@ def cmd_unlearn(args) -> int:
             from llmmem.models import resolve
 
             resolve(ref)
+    rank, scratch = _accelerate_rank(mspec)
     cell = Cell(mspec, (Step("unlearn", spec),), EvalSpec(), seed)
     from llmmem.results import CellDir
 
-    if CellDir(output, cell.name()).done and not args.overwrite:
+    if rank == 0 and CellDir(output, cell.name()).done and not args.overwrite:
         raise ConfigError(f"cell {Path(output) / cell.name()} is already finished; pass --overwrite to redo it")
     settings = RunSettings(seed=seed, quiet=args.quiet, threads=args.threads,
                            batch_size=64)  # the tracker's evaluation batch
-    payload = _single_cell_run(args, cell, settings=settings, include_path=include, run_dir=output)
+    try:
+        payload = _single_cell_run(args, cell, settings=settings, include_path=include, run_dir=scratch or output)
+    finally:
+        if scratch:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+    if rank != 0:
+        return 0
     u, m = payload["unlearning"], payload["metrics"]
     ratio = (u.get("utility_retained") or {}).get("retain_loss_ratio")
     print(f"{spec.method}: forget extractable {m['unlearn_forget_initial']['extractable']:.2f} -> "
@@ -476,6 +485,25 @@ def cmd_unlearn(args) -> int:
         for p in plot_run(output):
             print(f"wrote {p}")
     return 0
+
+
+def _accelerate_rank(mspec) -> tuple[int, str | None]:
+    """Under a multi-process ``accelerate launch``: this process's rank, its own GPU (``cuda:LOCAL_RANK``) and,
+    on ranks other than 0, a scratch directory for the cell (every rank runs the cell - the model is sharded -,
+    rank 0 writes it). (0, None) otherwise."""
+    from llmmem.unlearning.loop import launched_with_accelerate
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1 or not launched_with_accelerate():
+        return 0, None
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if mspec.device in ("auto", "cuda"):
+        mspec.device = f"cuda:{local}"
+    if rank == 0:
+        return 0, None
+    import tempfile
+
+    return rank, tempfile.mkdtemp(prefix=f"llmmem-unlearn-rank{rank}-")
 
 
 # ----------------------------------------------------------------------------- durability
@@ -520,7 +548,15 @@ def cmd_testbed(args) -> int:
         if not Path(args.config).is_file():
             raise ConfigError(f"--config {args.config} does not exist")
         overrides = yaml_load_file(args.config, "testbed config (train: and/or world:)")
+    if args.device is not None or args.dtype is not None:
+        overrides = dict(overrides or {})
+        train = dict(overrides.get("train") or {})
+        train.update({k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None})
+        overrides["train"] = train
     cfg = preset_config(args.preset, overrides)  # unknown preset or bad sizes -> one line, exit 2
+    from llmmem.testbed.train import train_device
+
+    train_device(cfg)  # device=cuda without CUDA: one line, before the world is built
     exclude = None
     if args.exclude:
         from llmmem.config import read_id_file
@@ -806,7 +842,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("testbed", cmd_testbed, "Build the synthetic world and train a small model on it (ground truth included).",
             _examples("llmmem testbed build --preset tiny --output /tmp/tb",
                       "llmmem testbed build --preset small --seed 1 --output testbeds/s1",
-                      "llmmem testbed build --exclude forget.txt --output testbeds/retrained  # without those canaries"))
+                      "llmmem testbed build --exclude forget.txt --output testbeds/retrained  # without those canaries",
+                      "llmmem testbed build --preset small --device cuda --output testbeds/s0  # bf16 autocast"))
     p.add_argument("action", choices=["build"], help="build: generate the world, train, write model + tasks")
     p.add_argument("--preset", default="small", help="tiny (tests, < 1 min) | small (default)")
     p.add_argument("--seed", type=int, default=0)
@@ -815,6 +852,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", default=None, metavar="FILE", help="canary ids (one per line) to leave out of training")
     p.add_argument("--config", default=None, metavar="YAML",
                    help="override the preset: {train: {layers, hidden, epochs, ...}, world: {n_entities, ...}}")
+    p.add_argument("--device", default=None, help="train on cpu (default) | cuda | cuda:N | auto")
+    p.add_argument("--dtype", default=None, help="auto (default: bfloat16 autocast on CUDA, float32 on the CPU) | "
+                   "float32 | bfloat16")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
 

@@ -62,6 +62,13 @@ CONF
   exit 1
   ;;
 stop)
+  export SLURM_CONF="$dir/slurm.conf"
+  squeue -h -o %i 2>/dev/null | xargs -r scancel 2>/dev/null || true
+  for _ in $(seq 60); do  # let job steps report back before the daemons go
+    [ -z "$(squeue -h 2>/dev/null)" ] && break
+    sleep 0.5
+  done
+  sleep 1
   for f in slurmd slurmctld; do
     [ -f "$dir/$f.pid" ] && kill "$(cat "$dir/$f.pid")" 2>/dev/null || true
   done

@@ -26,7 +26,8 @@ from llmmem.unlearning import METHODS
 SCHEDULES = ("constant", "linear", "cosine")
 TRAINING_KEYS = ("method", "method_args", "forget", "forget_ids", "forget_filter", "retain", "retain_filter", "steps",
                  "lr", "batch_size", "grad_accum", "weight_decay", "warmup_steps", "schedule", "grad_clip",
-                 "gradient_checkpointing")
+                 "gradient_checkpointing", "precision")
+PRECISIONS = ("float32", "bf16")  # bf16: autocast (float32 master weights and AdamW state)
 TRACKING_KEYS = ("nonmember", "nonmember_filter", "eval_every", "utility_tasks", "utility_limit", "reference_model",
                  "grad_norm_steps", "exposure_alternatives", "secret_format", "min_k")
 
@@ -70,6 +71,7 @@ class UnlearnSpec:
     schedule: str = "constant"
     grad_clip: float | None = 1.0
     gradient_checkpointing: bool = False
+    precision: str = "float32"  # float32 | bf16 (autocast on the model's device; mixed precision under accelerate)
     # tracking (the evaluation side)
     nonmember: str | None = None
     nonmember_filter: dict = field(default_factory=dict)
@@ -117,6 +119,9 @@ class UnlearnSpec:
             if self.grad_clip == 0:
                 self.grad_clip = None
         self.gradient_checkpointing = parse_bool("gradient_checkpointing", self.gradient_checkpointing)
+        if str(self.precision).strip().lower() == "bfloat16":
+            self.precision = "bf16"
+        self.precision = parse_choice("precision", self.precision, PRECISIONS)
         self.eval_every = parse_positive_int("eval_every", self.eval_every)
         if self.eval_every > self.steps:
             raise ConfigError(f"eval_every={self.eval_every} is larger than steps={self.steps}")
@@ -143,6 +148,8 @@ class UnlearnSpec:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
+            if f.name == "precision" and v == "float32":
+                continue  # the default is left out, so cells from before the key existed keep their hash
             if v not in (None, {}, []) or f.name in ("forget", "method", "steps", "lr"):
                 out[f.name] = v
         return out
