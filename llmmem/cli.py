@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from llmmem import __version__
 from llmmem.config import ConfigError, RunSettings, default_threads, model_spec_from_args
-from llmmem.errors import ISSUES_URL
+from llmmem.errors import ISSUES_URL, CellsFailed
 
 log = logging.getLogger("llmmem")
 
@@ -897,6 +897,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = textwrap.shorten(" ".join(str(e).split()), width=1000, placeholder=" ...")
         sys.stderr.write(f"llmmem {args.command}: error: {msg}\n")
         return 2
+    except CellsFailed as e:
+        sys.stderr.write(f"llmmem {args.command}: {e}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("llmmem: interrupted\n")
         return 130

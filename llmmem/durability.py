@@ -251,7 +251,13 @@ def run_durability(spec: DurabilitySpec, *, quiet: bool = False, dry_run: bool =
         retrained = Path(spec.retrained)
     sweep = build_sweep(spec, model_dir, retrained)
     run_dir = Path(spec.output_path)
-    run_sweep(sweep, run_dir, overwrite=overwrite, quiet=quiet, dry_run=dry_run, print_fn=print_fn)
+    cells = run_sweep(sweep, run_dir, overwrite=overwrite, quiet=quiet, dry_run=dry_run, print_fn=print_fn)
+    failed = [c for c in cells if c.failed]
+    if failed:  # recorded in <run>/.failed/; the findings would be drawn from a partial run
+        from llmmem.errors import CellsFailed
+
+        raise CellsFailed(f"{len(failed)} cell(s) failed (e.g. {failed[0].cell.name()}: {failed[0].failed[:200]}); "
+                          f"see llmmem sweep --status {run_dir}, and rerun the command to retry them")
     return run_dir
 
 

@@ -317,11 +317,12 @@ def run_sweep(spec: SweepSpec, run_dir: Path | None = None, *, overwrite: bool =
     """Plan, print the plan, then run the cells that are not done with the spec's executor
     (``llmmem/executors.py``) under the run lock. Cells that fail are recorded and marked (``failed``),
     the others still run."""
-    from llmmem.executors import annotate_plan, check_environment, execute, plan_record
+    from llmmem.executors import ExecutorSpec, annotate_plan, check_environment, execute, plan_record
 
     run_dir = Path(run_dir or spec.output_path)
+    executor = spec.executor or ExecutorSpec()  # a spec built in code (e.g. durability): in this process
     if not dry_run:
-        check_environment(spec.executor)  # e.g. submitit and sbatch for executor slurm, before anything runs
+        check_environment(executor)  # e.g. submitit and sbatch for executor slurm, before anything runs
     prepare(spec)
     check_old_layout(run_dir)
     evals = {e.spec.display_name: {**spec.eval.canonical(), "model": e.spec.identity()} for e in spec.models}
@@ -340,7 +341,7 @@ def run_sweep(spec: SweepSpec, run_dir: Path | None = None, *, overwrite: bool =
 
         atomic_write_json(run_dir / "sweep.json", {"config": spec.doc, "warnings": spec.warnings,
                                                     "cells": plan_record(cells)})
-        outcome = execute(spec, run_dir, cells, spec.executor, overwrite=overwrite, quiet=quiet, threads=threads,
+        outcome = execute(spec, run_dir, cells, executor, overwrite=overwrite, quiet=quiet, threads=threads,
                           print_fn=print_fn)
     for c in cells:
         name = c.cell.name()
