@@ -228,7 +228,19 @@ def run_cell(session: Session, cell: Cell, *, run_dir: Path | str | None = None,
             ref = session.reference_backend(cell.eval.mia_reference) if cell.eval.mia_reference else None
             session._torch.manual_seed(cell.seed)
             results = evaluate(eval_backend, tasks, eval_spec=cell.eval, seed=cell.seed, ref_backend=ref)
+        survival = None
+        if cell.eval.track and celldir is not None:
+            from llmmem.tracking import survival_metrics, survival_rows
+
+            ts = time.time()
+            survival = survival_rows(session.backend("hf"), cell.eval.track, session.include_path, cell.seed)
+            timings["track_seconds"] = round(time.time() - ts, 3)
         payload = cell_payload(session, cell, reports, warnings, results, timings, log_samples=log_samples)
+        if survival is not None:
+            from llmmem.tracking import survival_metrics
+
+            payload["metrics"].update(survival_metrics(survival))
+            celldir.write_samples("", survival, filename="survival.jsonl")
         tracker = holder.get("tracker")
         if tracker is not None:
             extra, n, section = tracker.summary(reports[-1], cell.seed)

@@ -267,8 +267,8 @@ def test_report_effective_bits_and_zeros():
 
 
 def test_pruned_then_gptq_keeps_zeros():
-    from llmmem.pruning.spec import PruneSpec
     from llmmem.pruning import prune
+    from llmmem.pruning.spec import PruneSpec
 
     model = tiny.make_model("llama")
     prune(model, PruneSpec("magnitude", 0.5))

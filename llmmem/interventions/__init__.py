@@ -165,6 +165,7 @@ INTERVENTIONS: Registry[type[Intervention]] = Registry("intervention")
 INTERVENTIONS.register("prune", "llmmem.interventions.prune:Prune", "magnitude, Wanda, SparseGPT; unstructured or N:M; OWL")
 INTERVENTIONS.register("quantize", "llmmem.interventions.quantize:Quantize", "weight-only RTN or GPTQ, 2-8 bits")
 INTERVENTIONS.register("unlearn", "llmmem.interventions.unlearn:Unlearn", "GA, GradDiff, NPO, SimNPO, ... on a forget set")
+INTERVENTIONS.register("relearn", "llmmem.interventions.unlearn:Relearn", "fine-tuning steps on a data set (relearning)")
 
 
 _instances: dict = {}
