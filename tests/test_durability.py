@@ -114,7 +114,7 @@ def test_plan_has_unlearned_and_reference_chains(tmp_path, tiny_testbed, capsys)
     ({"relearn_fraction": 0.9}, "relearn_fraction=0.9 is outside"),
     ({"after": [{"unlearn": {"method": "npo"}}]}, "after[0]"),
     ({"relearn": [{"data": "forget", "steps": [0]}]}, "steps 0"),
-    ({"memscore": "missing.jsonl"}, "memscore file missing.jsonl"),
+    ({"memscore": "missing.jsonl"}, "memscore: missing.jsonl does not exist"),
     ({"colour": 1}, "unknown key(s) colour"),
 ])
 def test_bad_durability_configs(tmp_path, tiny_testbed, capsys, over, needle):
