@@ -327,3 +327,16 @@ def test_a_few_steps_lower_the_forget_likelihood(name, kw, lr):
         loss.backward()
         opt.step()
     assert _forget_logprob(model, forget) < before - 1.0
+
+
+def test_chunk_long_examples():
+    from llmmem.unlearning.data import chunk_examples
+
+    long = Example("t", "a", " b", group="g", prefix_ids=[1, 2], suffix_ids=list(range(10, 21)))
+    short = Example("s", "x", " y", prefix_ids=[1], suffix_ids=[5, 6])
+    out = chunk_examples([long, short], 5)
+    assert [e.id for e in out] == ["t#0", "t#1", "t#2", "s"]
+    assert [e.prefix_ids + e.suffix_ids for e in out[:3]] == [[1, 2, 10, 11, 12], [13, 14, 15, 16, 17], [18, 19, 20]]
+    assert all(len(e.prefix_ids) == 1 and e.group == "g" for e in out[:3]) and out[3] is short
+    with pytest.raises(ConfigError, match="max_tokens=1 must be >= 2"):
+        chunk_examples([long], 1)

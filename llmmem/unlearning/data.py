@@ -101,3 +101,23 @@ def batch_of(examples: list[Example], pad_id: int, device):
         mask[i, : len(s)] = 1
         labels[i, len(e.prefix_ids): len(s)] = torch.tensor(e.suffix_ids)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def chunk_examples(examples: list[Example], max_tokens: int) -> list[Example]:
+    """Long tokenized examples cut into pieces of at most ``max_tokens`` tokens (long forget/retain texts such as
+    MUSE's news articles or the WMDP corpora; open-unlearning trains on 2048-token chunks of the corpus, 512 for
+    WMDP). Each piece keeps its first token as the prefix and trains on the rest; ids get ``#k`` suffixes."""
+    if max_tokens < 2:
+        raise ConfigError(f"max_tokens={max_tokens} must be >= 2")
+    out = []
+    for e in examples:
+        ids = e.prefix_ids + e.suffix_ids
+        if len(ids) <= max_tokens:
+            out.append(e)
+            continue
+        for k, start in enumerate(range(0, len(ids) - 1, max_tokens)):
+            piece = ids[start:start + max_tokens]
+            if len(piece) < 2:
+                break
+            out.append(Example(f"{e.id}#{k}", "", "", e.group, e.dup, prefix_ids=piece[:1], suffix_ids=piece[1:]))
+    return out
