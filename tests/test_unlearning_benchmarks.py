@@ -246,7 +246,10 @@ def test_tofu_forget_quality_from_retain_logs(load_task, backend, monkeypatch, t
     logs.write_text(json.dumps({"forget_truth_ratio": {"agg_value": 0.6, "value_by_index": {
         "0": {"score": 0.9}, "1": {"score": 1.4}}}, "mia_min_k": {"agg_value": 0.42}}))
     task.options["retain_logs"] = str(logs)
+    task.options["question_key"] = "paraphrased_question"  # forget and retain sets only, as open-unlearning
     res = run_task(task, backend, data=str(FIX / "tofu/locuslab/TOFU/forget01_perturbed/train.jsonl"))
+    assert res.rows[0]["prompt"] == "Question: In which city was Mira Tolvane born?\nAnswer:"
+    assert next(r for r in res.rows if r["set"] == "world_facts")["prompt"].startswith("Question: What is the capital")
     trs = [r["truth_ratio"] for r in res.rows if r["set"] == "forget"]
     assert close(res.metrics["forget_quality"], um.forget_quality(trs, [0.9, 1.4]))
     assert res.metrics["privleak_reference_auc"] == 0.42
@@ -372,3 +375,55 @@ def test_task_yamls_parse(load_task):
     for name in ("tofu_train_forget10", "tofu_train_retain90"):
         t = load_task(name)
         assert t.suite == "recall" and t.doc_to_target == "{{answer}}"
+
+
+CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if date_string is defined %} ({{ date_string }})"
+        "{% endif %};{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_tofu_training_sets_in_open_unlearning_layout(load_task, tiny_lm, monkeypatch, tmp_path):
+    """Unlearning examples from the TOFU train tasks: EOS after every answer; the chat variant renders the
+    question as a user turn of the tokenizer's chat template (system prompt and date string included)."""
+    import llmmem.tasks as tasks
+    from llmmem.backends.hf import HFBackend
+    from llmmem.unlearning.data import load_examples, tokenize
+
+    data = FIX / "tofu/locuslab/TOFU/forget01/train.jsonl"
+    row = json.loads(data.read_text().splitlines()[0])
+    backend = HFBackend(tiny_lm, batch_size=4)
+    tok = tiny_lm.tokenizer
+    for name in ("tofu_train_forget01", "tofu_train_forget01_chat"):
+        src = task_file(name)
+        (tmp_path / f"{name}.yaml").write_text(src.read_text().replace('"hf:locuslab/TOFU:forget01:train"', f'"{data}"'))
+    monkeypatch.setattr(tasks, "_index", lambda dirs: {n: tmp_path / f"{n}.yaml" for n in
+                                                       ("tofu_train_forget01", "tofu_train_forget01_chat")})
+    (ex,) = load_examples("tofu_train_forget01", ids=["0"])
+    tokenize([ex], backend)
+    assert ex.prefix == f"Question: {row['question']}\nAnswer:" and ex.suffix == " " + row["answer"]
+    assert ex.suffix_ids == tok(" " + row["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    (ex,) = load_examples("tofu_train_forget01_chat", ids=["0"])
+    with pytest.raises(ConfigError, match="chat template but the tokenizer has none"):
+        tokenize([ex], backend)
+    monkeypatch.setattr(tok, "chat_template", CHAT, raising=False)
+    tokenize([ex], backend)
+    text = f"<|system|>You are a helpful assistant. (10 Apr 2025);<|user|>{row['question']} (10 Apr 2025);<|assistant|>"
+    assert ex.prefix_ids == tok(text, add_special_tokens=False)["input_ids"]
+    assert ex.suffix_ids == tok(row["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def test_tofu_chat_prompts_in_the_suite(load_task, tiny_lm, monkeypatch):
+    from llmmem.backends.hf import HFBackend
+    from llmmem.suites import run_task
+
+    monkeypatch.setenv("LLMMEM_DATA", str(FIX / "tofu"))
+    backend = HFBackend(tiny_lm, batch_size=4)
+    task = load_task("tofu_forget01_chat")
+    task.options["max_gen_toks"] = 4
+    forget = str(FIX / "tofu/locuslab/TOFU/forget01_perturbed/train.jsonl")
+    with pytest.raises(ConfigError, match="chat_template is true but the tokenizer has no chat template"):
+        run_task(task, backend, data=forget)
+    monkeypatch.setattr(tiny_lm.tokenizer, "chat_template", CHAT, raising=False)
+    res = run_task(task, backend, data=forget)
+    first = res.rows[0]
+    assert first["prompt"].startswith("<|system|>You are a helpful assistant.") and first["prompt"].endswith("<|assistant|>")
+    assert res.metrics["model_utility"] is not None

@@ -179,11 +179,11 @@ class TofuSuite(Suite):
         req = Requests()
         self.sets = self._sets(task, docs)
         for set_name, rows in self.sets.items():
-            key = qkey if set_name in ("forget", "retain") else "question"  # as open-unlearning's metric configs
+            qfield = qkey if set_name in ("forget", "retain") else "question"  # as open-unlearning's metric configs
             for r in rows:
-                if not isinstance(r.get(key), str):
-                    raise ConfigError(f"task {task.name}: question_key {key!r} is not a text field of the {set_name} set")
-                text, ids = self.prompter.prompt(r[key], r)
+                if not isinstance(r.get(qfield), str):
+                    raise ConfigError(f"task {task.name}: question_key {qfield!r} is not a text field of the {set_name} set")
+                text, ids = self.prompter.prompt(r[qfield], r)
                 item = {"set": set_name, "row": r, "prompt": text, "ll": {}}
                 answers = [("answer", r["answer"])]
                 if set_name != "holdout":
