@@ -427,3 +427,18 @@ def test_tofu_chat_prompts_in_the_suite(load_task, tiny_lm, monkeypatch):
     first = res.rows[0]
     assert first["prompt"].startswith("<|system|>You are a helpful assistant.") and first["prompt"].endswith("<|assistant|>")
     assert res.metrics["model_utility"] is not None
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "unlearn").glob("*.yaml")), ids=lambda p: p.name)
+def test_unlearn_configs_are_valid(path, monkeypatch):
+    """Every config parses with today's unlearn keys, names a registered method whose arguments it accepts, and
+    says in its header how to run it."""
+    from llmmem.config import load_unlearn_spec
+    from llmmem.unlearning import METHODS
+
+    monkeypatch.chdir(ROOT)
+    spec = load_unlearn_spec(str(path))
+    method = METHODS.get(spec.method)(**spec.method_args)
+    assert all(method.args[k] == v or method.args[k] == float(v) for k, v in spec.method_args.items() if k != "params")
+    head = path.read_text().splitlines()[0]
+    assert head.startswith("#") and f"llmmem unlearn configs/unlearn/{path.name}" in head
