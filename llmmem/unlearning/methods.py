@@ -361,8 +361,8 @@ class UNDIAL(Method):
         with torch.no_grad():
             teacher, _ = _shifted(ref_model, forget)
             labelled = labels != -100
-            onehot = F.one_hot(labels.clamp_min(0), teacher.shape[-1]).to(teacher.dtype) * labelled[..., None]
-            target = F.softmax(teacher - self.args["beta"] * onehot, dim=-1)
+            lowered = (-self.args["beta"] * labelled.to(teacher.dtype))[..., None]  # no [b, s, vocab] one-hot
+            target = F.softmax(teacher.scatter_add(-1, labels.clamp_min(0)[..., None], lowered), dim=-1)
         ce = -(target * F.log_softmax(logits, -1)).sum(-1)
         f = ce.mean() if self.args["positions"] == "all" else ce[labelled].sum() / labelled.sum().clamp_min(1)
         return self.args["gamma"] * f + self.retain_term(model, retain, ref_model)
