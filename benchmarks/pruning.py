@@ -16,10 +16,11 @@ import time
 import torch
 
 from llmmem.cli import default_threads
-from llmmem.config import ModelSpec, PruneSpec
+from llmmem.config import ModelSpec
 from llmmem.models import base_model, load_model
 from llmmem.pruning import prune
 from llmmem.pruning.calibration import Calibration
+from llmmem.pruning.spec import PruneSpec
 
 
 def main() -> None:

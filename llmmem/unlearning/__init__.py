@@ -12,3 +12,4 @@ METHODS.register("idk_dpo", "llmmem.unlearning.methods:IdkDPO", "DPO: refusal pr
 METHODS.register("undial", "llmmem.unlearning.methods:UNDIAL", "self-distillation with the label logit lowered (UNDIAL)")
 METHODS.register("rmu", "llmmem.unlearning.methods:RMU", "steer a layer's forget activations to a random direction (WMDP RMU)")
 METHODS.register("noisy_ft", "llmmem.unlearning.methods:NoisyFinetune", "Langevin/SGLD fine-tuning on the retain set")
+METHODS.register("finetune", "llmmem.unlearning.finetune:Finetune", "fine-tuning (NLL descent) on the data: relearning")
