@@ -340,3 +340,59 @@ def test_chunk_long_examples():
     assert all(len(e.prefix_ids) == 1 and e.group == "g" for e in out[:3]) and out[3] is short
     with pytest.raises(ConfigError, match="max_tokens=1 must be >= 2"):
         chunk_examples([long], 1)
+
+
+@pytest.fixture(scope="module")
+def tok_model():
+    tok = tiny.make_tokenizer()
+    return tok, tiny.make_model("llama", vocab=len(tok))
+
+
+def _loop_run(tok_model, name, method_args, steps=2):
+    import copy
+
+    from llmmem.unlearning.loop import unlearn
+    from llmmem.unlearning.spec import UnlearnSpec
+
+    tok, model = tok_model[0], copy.deepcopy(tok_model[1])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    forget = [Example(f"f{i}", "the access code is", f" {i} {i + 3} {i + 5}") for i in range(4)]
+    retain = [Example(f"r{i}", f"the capital of land {i} is", f" city {i}") for i in range(4)]
+    spec = UnlearnSpec(forget="f.jsonl", retain="r.jsonl", method=name, method_args=method_args, steps=steps,
+                       lr=1e-2, batch_size=2, eval_every=steps, grad_norm_steps=0)
+    report = unlearn(model, spec, forget, retain, tokenizer=tok, device="cpu")
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    return report, changed
+
+
+def test_the_loop_calls_the_method_hooks(tok_model):
+    """The shared loop (what `llmmem unlearn` and sweeps run) builds batches, the optimizer's parameters and the
+    refusal answers through the method's hooks: RMU updates only the parameters its ``params`` name, IdkDPO gets
+    its tokenizer through ``prepare`` (it refuses to build batches without it)."""
+    target = r"model\.layers\.0\.mlp\.down_proj\.weight"
+    report, changed = _loop_run(tok_model, "rmu", {"layer": 0, "params": [target], "steering_coeff": 20.0})
+    assert changed == {"model.layers.0.mlp.down_proj.weight"}
+    assert report["args"]["params"] == [target] and report["args"]["layer"] == 0
+    report, changed = _loop_run(tok_model, "idk_dpo", {"beta": 0.1})
+    assert len(report["loss_curve"]) == 2 and "model.embed_tokens.weight" in changed
+    report, _ = _loop_run(tok_model, "undial", {})
+    assert report["args"]["beta"] == 10.0 and report["n_retain"] == 4
+
+
+def test_spec_keeps_word_and_list_method_args():
+    """method_args are numbers (recorded as floats), words and lists of words, checked by the method itself."""
+    from llmmem.interventions.unlearn import check_method
+    from llmmem.unlearning.spec import UnlearnSpec
+
+    s = UnlearnSpec(forget="f.jsonl", retain="r.jsonl", method="rmu",
+                    method_args={"layer": 1, "params": ["a.*"], "tokens": "all", "alpha": "10"})
+    assert s.method_args == {"layer": 1.0, "params": ["a.*"], "tokens": "all", "alpha": 10.0}
+    assert check_method(s).args["layer"] == 1
+    with pytest.raises(ConfigError, match="RMU: tokens='some' is not one of labels, all"):
+        check_method(UnlearnSpec(forget="f.jsonl", retain="r.jsonl", method="rmu", method_args={"tokens": "some"}))
+    with pytest.raises(ConfigError, match=r"method_args.params=\[1, 2\]"):
+        UnlearnSpec(forget="f.jsonl", retain="r.jsonl", method="rmu", method_args={"params": [1, 2]})
+    # UNDIAL's reference has no retain term: no retain set needed unless alpha asks for one
+    assert UnlearnSpec(forget="f.jsonl", method="undial").retain is None
+    with pytest.raises(ConfigError, match="needs a retain set"):
+        UnlearnSpec(forget="f.jsonl", method="undial", method_args={"alpha": 1})
