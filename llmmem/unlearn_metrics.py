@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from llmmem.config import ConfigError
+from llmmem.metrics import mia_min_k, privleak, privleak_auc  # noqa: F401  (re-exported)
 
 EPS = 1e-10  # the reference's guard in every ratio
 
@@ -118,33 +119,15 @@ def extraction_strength(greedy_ids: Sequence[int], target_ids: Sequence[int], st
 
 # ----------------------------------------------------------------------------- membership / privacy
 def min_k_score(token_logprobs: Sequence[float], k: float = 0.4) -> float:
-    """Min-K% Prob score: minus the mean of the lowest ``max(1, int(n*k))`` token log-probs (higher = less
-    likely; ``mia/min_k.py``); 0 for no tokens, as the reference. MUSE's own code takes ``int(n*k)``
-    tokens (no floor of 1)."""
-    lp = np.sort(np.asarray(token_logprobs, float))
-    if lp.size == 0:
-        return 0.0
-    return -float(np.mean(lp[: max(1, int(len(lp) * k))]))
+    """Min-K% Prob score (:func:`llmmem.metrics.mia_min_k`: minus the mean of the lowest ``max(1, int(n*k))``
+    token log-probs, higher = less likely; ``mia/min_k.py``), 0 for no tokens as the reference. MUSE's own
+    code takes ``int(n*k)`` tokens (no floor of 1)."""
+    return mia_min_k(token_logprobs, k) if len(token_logprobs) else 0.0
 
 
-def mia_auc(forget_scores: Sequence[float], holdout_scores: Sequence[float]) -> float:
-    """ROC AUC with forget labelled 0 and holdout 1 (``mia/utils.py`` mia_auc: roc_auc_score); ties count
-    one half. 1 = every forget text scores as more likely than every holdout text."""
-    f = np.asarray(forget_scores, float)
-    h = np.asarray(holdout_scores, float)
-    if not f.size or not h.size:
-        raise ValueError("the MIA AUC needs forget and holdout scores")
-    # P(holdout score > forget score) + 0.5 P(tie): the Mann-Whitney form of roc_auc_score
-    greater = (h[:, None] > f[None, :]).sum()
-    ties = (h[:, None] == f[None, :]).sum()
-    return float((greater + 0.5 * ties) / (f.size * h.size))
-
-
-def privleak(auc_unlearned: float, auc_retrained: float) -> float:
-    """MUSE PrivLeak in percent: ((1 - AUC_u) - (1 - AUC_r)) / (1 - AUC_r) * 100 (``privacy.py`` privleak, with
-    its 1e-10 guard). 0 = as private as the retrained model; large |value| = leaks (or over-unlearns)."""
-    u, r = 1.0 - auc_unlearned, 1.0 - auc_retrained
-    return (u - r) / (r + EPS) * 100.0
+# MIA AUC with forget labelled 0 and holdout 1 over Min-K% scores, and PrivLeak in percent: one definition
+# each, in llmmem.metrics (also used by the MIA suite); re-exported under the names the suites use.
+mia_auc = privleak_auc
 
 
 # ----------------------------------------------------------------------------- text
