@@ -17,7 +17,7 @@ from llmmem.config import ConfigError
 
 FIX = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).resolve().parent.parent
-TASK_DIRS = [ROOT / "tasks" / "unlearning", ROOT / "configs" / "unlearn" / "tasks"]
+TASK_DIRS = [ROOT / "tasks" / "unlearning"]
 
 
 # ---- open-unlearning, re-implemented from its source ----------------------------------------------------
@@ -189,12 +189,10 @@ def task_file(name: str) -> Path:
 
 
 @pytest.fixture
-def load_task(monkeypatch):
-    """The shipped task YAMLs (suites tofu / muse accepted whether or not tasks.py lists them yet)."""
+def load_task():
+    """The shipped task YAMLs (tasks/unlearning/)."""
     import llmmem.tasks as tasks
 
-    if "tofu" not in tasks.SUITES:
-        monkeypatch.setattr(tasks, "SUITES", tuple(tasks.SUITES) + ("tofu", "muse"))
     return lambda name: tasks.load_task_file(task_file(name))
 
 
@@ -433,12 +431,12 @@ def test_tofu_chat_prompts_in_the_suite(load_task, tiny_lm, monkeypatch):
 def test_unlearn_configs_are_valid(path, monkeypatch):
     """Every config parses with today's unlearn keys, names a registered method whose arguments it accepts, and
     says in its header how to run it."""
-    from llmmem.config import load_unlearn_spec
-    from llmmem.unlearning import METHODS
+    from llmmem.interventions.unlearn import check_method
+    from llmmem.unlearning.spec import load_unlearn_config
 
     monkeypatch.chdir(ROOT)
-    spec = load_unlearn_spec(str(path))
-    method = METHODS.get(spec.method)(**spec.method_args)
+    spec = load_unlearn_config(str(path)).spec
+    method = check_method(spec)
     assert all(method.args[k] == v or method.args[k] == float(v) for k, v in spec.method_args.items() if k != "params")
     head = path.read_text().splitlines()[0]
     assert head.startswith("#") and f"llmmem unlearn configs/unlearn/{path.name}" in head
