@@ -149,9 +149,9 @@ def rouge(ground_truth: str, generation: str, stemmer: bool = True) -> dict:
 
 
 def cut_at_stops(text: str, stops: Sequence[str]) -> str:
-    """The generation up to the first occurrence of each stop string in turn, stripped (the reference cuts at
-    the EOS string and the task's stopwords: ``raw_text.split(word)[0]``)."""
-    for w in stops:
-        if w and w in text:
-            text = text.split(w)[0]
-    return text.strip()
+    """The generation up to the earliest stop string, stripped (the reference cuts at the EOS string and the
+    task's stopwords in turn, ``raw_text.split(word)[0]``, which keeps the same prefix); the cut is the
+    backends' :func:`llmmem.backends.base.truncate_at_stops`."""
+    from llmmem.backends.base import truncate_at_stops
+
+    return truncate_at_stops(text, list(stops)).strip()
