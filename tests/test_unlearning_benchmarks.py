@@ -340,7 +340,7 @@ def test_muse_malformed_split_is_refused(load_task, backend, monkeypatch, tmp_pa
 
 
 def test_hub_sources_read_the_local_copy(monkeypatch, tmp_path):
-    from llmmem.suites.tofu import local_copy
+    from llmmem.tasks import local_copy
 
     monkeypatch.setenv("LLMMEM_DATA", str(FIX / "muse"))
     assert local_copy("hf:muse-bench/MUSE-News:privleak:holdout") == FIX / "muse/muse-bench/MUSE-News/privleak/holdout.jsonl"
@@ -350,6 +350,18 @@ def test_hub_sources_read_the_local_copy(monkeypatch, tmp_path):
     (tmp_path / "data/locuslab/TOFU/forget01/").mkdir(parents=True)
     (tmp_path / "data/locuslab/TOFU/forget01/train.jsonl").write_text("{}\n")
     assert local_copy("hf:locuslab/TOFU:forget01:train") == tmp_path / "data/locuslab/TOFU/forget01/train.jsonl"
+
+
+def test_unlearning_sets_from_the_hub_read_the_local_copy(monkeypatch):
+    """The TOFU training tasks (data: hf:locuslab/TOFU:...) load as unlearning examples offline from the copy:
+    every hf: source is looked up there first (llmmem.tasks), not only the tofu/muse suites' own sets."""
+    from llmmem.unlearning.data import load_examples
+
+    monkeypatch.setenv("LLMMEM_DATA", str(FIX / "tofu"))
+    monkeypatch.setattr("llmmem.presets.hub_reachable", lambda *a, **k: pytest.fail("the hub was asked"))
+    forget = load_examples("tofu_train_forget01", None)
+    rows = [json.loads(line) for line in (FIX / "tofu/locuslab/TOFU/forget01/train.jsonl").read_text().splitlines()]
+    assert [e.suffix.strip() for e in forget] == [r["answer"].strip() for r in rows] and all(e.eos for e in forget)
 
 
 def test_wmdp_corpora_as_unlearning_sets(tmp_path):

@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 
 from llmmem import unlearn_metrics as um
 from llmmem.backends.base import GenerateRequest, LoglikelihoodRequest
-from llmmem.config import ConfigError, llmmem_home
+from llmmem.config import ConfigError
 from llmmem.suites import Requests, Suite
+from llmmem.tasks import local_copy
 
 UTILITY = ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio", "ra_Q_A_Prob_normalised", "ra_Q_A_ROUGE",
            "ra_Truth_Ratio", "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio")
@@ -48,31 +47,14 @@ PERTURBED_FIELDS = {"forget": ("question", "answer", "paraphrased_answer", "pert
 
 
 # ----------------------------------------------------------------------------- data (shared with muse.py)
-def data_dir() -> Path:
-    """Local copies of hub datasets: ``$LLMMEM_DATA`` or ``$LLMMEM_HOME/data``."""
-    return Path(os.environ.get("LLMMEM_DATA") or llmmem_home() / "data").expanduser()
-
-
-def local_copy(src: str) -> Path | None:
-    """``hf:PATH:CONFIG:SPLIT`` -> ``$LLMMEM_DATA/PATH/CONFIG/SPLIT.jsonl`` when it exists."""
-    parts = src[3:].split(":")
-    path = parts[0]
-    config = (parts[1] if len(parts) > 1 and parts[1] else "default")
-    split = parts[2] if len(parts) > 2 and parts[2] else "train"
-    p = data_dir() / path / config / f"{split}.jsonl"
-    return p if p.is_file() else None
-
-
 def load_source(task, src, name: str) -> tuple[list[dict], str]:
     """Rows of one data source and where they came from (for messages)."""
     if not isinstance(src, str) or not src.strip():
         raise ConfigError(f"task {task.name}: options.sets.{name} must be a jsonl path or hf:PATH:CONFIG:SPLIT, "
                           f"got {src!r}")
-    if src.startswith("hf:"):
+    if src.startswith("hf:"):  # read from the local copy when there is one (llmmem.tasks.local_copy)
         local = local_copy(src)
-        if local is not None:
-            return task.load_rows(data=str(local)), str(local)
-        return task.load_rows(data=src), src
+        return task.load_rows(data=src), str(local) if local is not None else src
     return task.load_rows(data=src), str(task._resolve(src))
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import sys
 
-from llmmem.suites.tofu import data_dir
+from llmmem.tasks import data_dir
 
 TOFU = [f"{k}{n}" for n in ("01", "05", "10") for k in ("forget", "holdout")] + \
        [f"forget{n}_perturbed" for n in ("01", "05", "10")] + ["retain90", "retain95", "retain99", "retain_perturbed",
