@@ -201,6 +201,7 @@ def test_tofu_suite_on_fixtures(load_task, backend, tiny_lm, monkeypatch):
 
     monkeypatch.setenv("LLMMEM_DATA", str(FIX / "tofu"))
     task = load_task("tofu_forget01")
+    task.options["max_gen_toks"] = 16  # (200 in the task) the tiny random model's answers: keeps the test fast
     forget = FIX / "tofu/locuslab/TOFU/forget01_perturbed/train.jsonl"
     res = run_task(task, backend, data=str(forget), ref_backend=backend)
     sets = [r["set"] for r in res.rows]
@@ -244,6 +245,7 @@ def test_tofu_forget_quality_from_retain_logs(load_task, backend, monkeypatch, t
     logs.write_text(json.dumps({"forget_truth_ratio": {"agg_value": 0.6, "value_by_index": {
         "0": {"score": 0.9}, "1": {"score": 1.4}}}, "mia_min_k": {"agg_value": 0.42}}))
     task.options["retain_logs"] = str(logs)
+    task.options["max_gen_toks"] = 16  # (200 in the task) keeps the test fast
     task.options["question_key"] = "paraphrased_question"  # forget and retain sets only, as open-unlearning
     res = run_task(task, backend, data=str(FIX / "tofu/locuslab/TOFU/forget01_perturbed/train.jsonl"))
     assert res.rows[0]["prompt"] == "Question: In which city was Mira Tolvane born?\nAnswer:"
