@@ -23,6 +23,14 @@ def load_sets(spec: UnlearnSpec, include_path: str | None) -> tuple[list, list, 
     return forget, retain, nonmember
 
 
+def check_method(spec: UnlearnSpec):
+    """The spec's method built with its ``method_args`` (unknown names, bad values and bad choices are refused
+    with one line before any model loads); returns the method object."""
+    from llmmem.unlearning import METHODS
+
+    return METHODS.get(spec.method)(**spec.method_args)
+
+
 class Unlearn(Intervention):
     kind = "unlearn"
     spec_class = UnlearnSpec
@@ -39,6 +47,7 @@ class Unlearn(Intervention):
     def prepare(self, spec: UnlearnSpec, env: PrepareEnv) -> None:
         from llmmem.unlearning.spec import secret_space
 
+        check_method(spec)
         forget, _, nonmember = load_sets(spec, env.include_path)
         secret_space(spec, env.include_path, [e.secret for e in forget + nonmember if e.secret])
 
