@@ -91,6 +91,10 @@ class WorldConfig:
                 raise ConfigError(f"world config: {k} must be [min, max] with {least} <= min <= max (got {lo}, {hi})")
         if self.n_heldout_entities < 2:
             raise ConfigError("world config: n_heldout_entities must be >= 2")
+        names = self.n_cities + self.n_employers + self.n_entities + self.n_heldout_entities
+        if names > NAME_WORDS - 64:  # 64 left for the association-recall pool
+            raise ConfigError(f"world config: n_cities + n_employers + n_entities + n_heldout_entities = {names}; "
+                              f"allowed: at most {NAME_WORDS - 64} (the distinct two-syllable names)")
 
 
 def powers_of_two(n: int) -> list[int]:
@@ -146,7 +150,23 @@ def _count_kinds(docs) -> dict:
     return out
 
 
+def _word_space(syllables: int) -> frozenset:
+    """Every distinct word of ``syllables`` syllables (900 of two, 27,000 of three)."""
+    words = {""}
+    for _ in range(syllables):
+        words = {w + s for w in words for s in SYLLABLES}
+    return frozenset(words)
+
+
+NAME_WORDS = len(_word_space(2))  # cities, employers, first names and the association pool share these
+
+
 def _unique_words(rng: random.Random, n: int, syllables: int, taken: set) -> list[str]:
+    """``n`` new distinct words; refuses (instead of looping for ever) when fewer than ``n`` are left."""
+    left = len(_word_space(syllables) - taken)
+    if left < n:
+        raise ConfigError(f"world config: needs {n} more distinct {syllables}-syllable names but only {left} are left "
+                          f"(n_cities + n_employers + n_entities + n_heldout_entities must stay below {NAME_WORDS})")
     out = []
     while len(out) < n:
         w = "".join(rng.choice(SYLLABLES) for _ in range(syllables))
