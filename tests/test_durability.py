@@ -146,7 +146,7 @@ def test_tiny_durability_end_to_end(tmp_path, monkeypatch, capsys):
     from llmmem.durability import analyse
 
     dense = {}
-    for want in ("forget", "canaries"):  # the analysis reads a canary's dense loss from its canaries row first
+    for want in ("forget_relearn", "forget", "canaries"):  # the analysis reads a canary's canaries row first
         dense.update({r["id"]: r["loss"] for r in rows if r["model"] == "trained" and r["chain"] == "dense"
                       and r["set"] == want and r["id"].startswith("canary-")})
     assert {f"canary-{i}" for i in range(6, 15)} <= set(dense)
