@@ -31,6 +31,7 @@ from llmmem.config import (
     check_output_path,
     load_config_doc,
     model_spec_from_args,
+    parse_batch_size,
     parse_int,
     parse_positive_int,
 )
@@ -44,7 +45,7 @@ PRUNE_GRID_KEYS = ("methods", "structures", "sparsities", "profiles", "calibrati
 EVAL_KEYS = ("tasks", "limit", "num_fewshot", "backend", "apply_chat_template", "fewshot_as_multiturn",
              "system_instruction", "gen_kwargs", "mia_reference", "predict_only")
 SWEEP_KEYS = {"models", "model_args", "interventions", "seeds", "batch_size", "output_path", "include_path",
-              "description", "log_samples", "use_cache", *PRUNE_GRID_KEYS, *EVAL_KEYS}
+              "description", "log_samples", "use_cache", "max_batch_size", *PRUNE_GRID_KEYS, *EVAL_KEYS}
 
 
 @dataclass
@@ -61,7 +62,8 @@ class SweepSpec:
     chains: list
     eval: EvalSpec
     seeds: list[int]
-    batch_size: int = 8
+    batch_size: int | str = 8  # or "auto" / "auto:N" (llmmem.autobatch)
+    max_batch_size: int | None = None
     output_path: str = "results/sweep"
     include_path: str | None = None
     description: str = ""
@@ -148,7 +150,9 @@ def parse_sweep(doc: dict) -> SweepSpec:
     BACKENDS.check(ev.backend)
     use_cache = doc.get("use_cache")
     return SweepSpec(models=models, chains=chains, eval=ev, seeds=seeds,
-                     batch_size=parse_positive_int("batch_size", doc.get("batch_size", 8)),
+                     batch_size=parse_batch_size(doc.get("batch_size", 8)),
+                     max_batch_size=(parse_positive_int("max_batch_size", doc["max_batch_size"])
+                                     if doc.get("max_batch_size") is not None else None),
                      output_path=str(doc.get("output_path") or "results/sweep"),
                      include_path=doc.get("include_path"), description=str(doc.get("description") or ""),
                      log_samples=bool(doc.get("log_samples", False)), use_cache=str(use_cache) if use_cache else None,
@@ -203,6 +207,11 @@ def prepare(spec: SweepSpec) -> dict:
             for step in chain:
                 step.intervention.prepare(step.spec, env)
     check_backend(spec.eval.backend)
+    if spec.eval.apply_chat_template:
+        from llmmem.chat import check_model_template
+
+        for entry in spec.models:  # the tokenizer only: a model without the template fails before any loads
+            check_model_template(entry.spec, spec.eval.apply_chat_template)
     return tasks_by_model
 
 
@@ -348,7 +357,8 @@ def _run_model(spec: SweepSpec, run_dir: Path, entry: ModelEntry, todo: list[Pla
                k: int, total: int) -> int:
     from llmmem.runner import Session, run_cell
 
-    session = Session(entry.spec, batch_size=spec.batch_size, quiet=quiet, include_path=entry.include_path)
+    session = Session(entry.spec, batch_size=spec.batch_size, quiet=quiet, include_path=entry.include_path,
+                      max_batch_size=spec.max_batch_size)
     try:
         for i, c in enumerate(todo):
             k += 1
