@@ -229,8 +229,12 @@ def run_cell(session: Session, cell: Cell, *, run_dir: Path | str | None = None,
                 eval_backend = CachingBackend(backend, cache_dir, cache_model_key(session.lm.fingerprint,
                                                                                   cell.weights_key()))
             ref = session.reference_backend(cell.eval.mia_reference) if cell.eval.mia_reference else None
-            session._torch.manual_seed(cell.seed)
+            session._torch.manual_seed(cell.eval.sampling_seed_for(cell.seed))  # lm-eval's torch seed, if given
             results = evaluate(eval_backend, tasks, eval_spec=cell.eval, seed=cell.seed, ref_backend=ref)
+            if eval_backend is not backend:  # what the request cache answered for this cell
+                st = eval_backend.stats
+                timings["request_cache"] = {"hits": st["hits"], "misses": st["misses"],
+                                            "uncacheable": st["uncacheable"]}
         payload = cell_payload(session, cell, reports, warnings, results, timings, log_samples=log_samples)
         tracker = holder.get("tracker")
         if tracker is not None:
