@@ -77,6 +77,7 @@ def test_an_lm_eval_command_line_runs_unchanged(tmp_path, chat_dir, capsys):
     assert ev["gen_kwargs"] == {"max_gen_toks": 4, "until": ["\n"]} == cfg.gen_kwargs
     assert cfg.seed == [0, 1234, 1234, 1234]
     assert doc["seeds"]["seed"] == 0 and doc["seeds"]["fewshot_seed"] == 1234 and doc["seeds"]["torch_seed"] == 1234
+    assert [doc["config"][k] for k in ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")] == cfg.seed
     assert cfg.batch_size == "auto:4" and doc["run"]["batch_size_auto"]["requested"] == "auto:4"
     assert isinstance(doc["run"]["batch_size"], int) and doc["run"]["device"] == "cpu"
     assert doc["run"]["log_samples"] is cfg.log_samples is True
