@@ -198,6 +198,7 @@ class EvalSpec:
     predict_only: bool = False
     fewshot_seed: int | None = None  # lm-eval's fourth --seed value; None: 1234 + the cell seed
     torch_seed: int | None = None  # lm-eval's third --seed value: seeds sampled generation; None: the cell seed
+    track: dict | None = None  # per-example survival measures of example sets (llmmem.tracking.check_track)
 
     def __post_init__(self):
         if isinstance(self.tasks, str):
@@ -237,6 +238,9 @@ class EvalSpec:
         for key in ("fewshot_seed", "torch_seed"):
             if getattr(self, key) is not None:
                 setattr(self, key, parse_int(key, getattr(self, key), minimum=0))
+        from llmmem.tracking import check_track
+
+        self.track = check_track(self.track)
 
     def fewshot_seed_for(self, seed: int) -> int:
         """The few-shot sampler's seed of a cell with seed ``seed``."""
@@ -273,23 +277,21 @@ class EvalSpec:
             out["fewshot_seed"] = self.fewshot_seed
         if self.torch_seed is not None and self.samples():
             out["torch_seed"] = self.torch_seed
+        if self.track:
+            out["track"] = self.track
         return out
 
     def canonical_for(self, seed: int) -> dict:
         """:meth:`canonical` for a cell of seed ``seed``: a seed equal to its default (fewshot 1234 + seed,
         torch = seed) is left out, so ``--seed 0`` and lm-eval's ``--seed 0,1234,0,1234`` are one cell."""
+        from llmmem.tasks import fewshot_seed
+
         out = self.canonical()
-        if out.get("fewshot_seed") == _default_fewshot(seed):
+        if out.get("fewshot_seed") == fewshot_seed(seed):
             del out["fewshot_seed"]
         if out.get("torch_seed") == seed:
             del out["torch_seed"]
         return out
-
-
-def _default_fewshot(seed: int) -> int:
-    from llmmem.tasks import fewshot_seed
-
-    return fewshot_seed(seed)
 
 
 def config_hash(obj, n: int = 8) -> str:
