@@ -87,8 +87,10 @@ def test_sweep_same_metrics_on_both_backends(tiny_testbed, tmp_path, capsys):
                                        "tasks": ["testbed_recall", "testbed_override"], "limit": 60,
                                        "output_path": str(tmp_path / backend)}))
         assert run_cli(["sweep", cfg, "--quiet"]) == 0, capsys.readouterr().err
-        runs[backend] = {json.loads(p.read_text())["sweep"]["label"]: json.loads(p.read_text())["metrics"]
-                         for p in (tmp_path / backend).rglob("results.json")}
+        docs = [json.loads(p.read_text()) for p in (tmp_path / backend).rglob("results.json")]
+        # schema 2: the cell's chain label is under "cell" (its canonical config under "cell_config")
+        runs[backend] = {d["cell"]["label"]: d["metrics"] for d in docs}
+        assert all(d["cell_config"]["eval"]["backend"] == backend for d in docs)
     assert set(runs["hf"]) == set(runs["vllm"]) == {"dense", "wanda-unstructured-s0.3", "wanda-unstructured-s0.6"}
     for label in runs["hf"]:
         for task in ("testbed_recall", "testbed_override"):
