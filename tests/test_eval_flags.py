@@ -129,6 +129,59 @@ def test_model_hf_needs_pretrained_and_backend_agreement(capsys, llama_dir, tmp_
                        "--tasks", "capitals"], "unknown key 'parallelize'")
 
 
+def test_pretrained_alias_device_and_trust_remote_code(capsys, llama_dir, tmp_path):
+    """lm-eval's `--model_args pretrained=M` (without --model), `--device` and `--trust_remote_code` reach the
+    ModelSpec, are recorded (device under run, trust_remote_code in the cell's model identity), and a sweep
+    takes the same keys in its model_args."""
+    from llmmem.cli import build_parser, model_spec_of
+    from llmmem.errors import ConfigError
+    from llmmem.sweep import parse_sweep
+
+    def spec(*argv):
+        return model_spec_of(build_parser().parse_args(["eval", "--tasks", "capitals", *argv]))
+
+    s = spec("--model_args", f"pretrained={llama_dir},dtype=float32", "--device", "cpu", "--trust_remote_code")
+    assert (s.name, s.dtype, s.device, s.trust_remote_code) == (str(llama_dir), "float32", "cpu", True)
+    assert spec("--model", str(llama_dir), "--model_args", f"pretrained={llama_dir}").name == str(llama_dir)
+    assert spec("--model_args", f"pretrained={llama_dir},device=cpu", "--device", "cpu").device == "cpu"
+    for argv, needle in ((["--model", "a", "--model_args", "pretrained=b"], "disagree"),
+                         (["--model_args", f"pretrained={llama_dir},device=cpu", "--device", "cuda"], "disagree"),
+                         (["--model_args", f"pretrained={llama_dir}", "--device", "gpu0"], "gpu0")):
+        with pytest.raises(ConfigError, match=needle):
+            spec(*argv)
+    sw = parse_sweep({"models": [str(llama_dir), {"name": str(llama_dir), "model_args": "dtype=bfloat16"}],
+                      "model_args": "device=cpu,trust_remote_code=true", "tasks": ["capitals"], "methods": []})
+    assert [(m.spec.device, m.spec.trust_remote_code) for m in sw.models] == [("cpu", True), ("auto", False)]
+    out = tmp_path / "out"
+    rc = run_cli(["eval", "--model_args", f"pretrained={llama_dir}", "--device", "cpu", "--trust_remote_code",
+                  "--tasks", "capitals", "--limit", "2", "--output_path", out, "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    (doc,) = _cells(out)
+    model = doc["cell_config"]["model"]
+    assert model["name"] == str(llama_dir) and model["trust_remote_code"] is True and doc["run"]["device"] == "cpu"
+    assert doc["config"]["model_args"]["pretrained"] == str(llama_dir)  # lm-eval's config section
+
+
+def test_quickstart_states_its_chat_template_choice():
+    """Issue 19: the quickstart (an Instruct model) says whether it uses the chat template and why; stating
+    `false` leaves its cells' identity as before, and the override the comment gives turns the template on."""
+    from pathlib import Path
+
+    import yaml
+
+    from llmmem.sweep import load_sweep_spec
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+    text = path.read_text()
+    assert yaml.safe_load(text)["apply_chat_template"] is False
+    comment = text.split("apply_chat_template: false")[0].rsplit("batch_size", 1)[1]
+    assert "# Chat template: off" in comment and "lm-eval's" in comment and "apply_chat_template=true" in comment
+    spec = load_sweep_spec(str(path))
+    assert spec.eval.apply_chat_template is False and "apply_chat_template" not in spec.eval.canonical()
+    chat = load_sweep_spec(str(path), ["apply_chat_template=true", "output_path=results/quickstart-chat"])
+    assert chat.eval.apply_chat_template is True and chat.eval.fewshot_as_multiturn is True
+
+
 def test_output_path_json_file_and_output_flags(tmp_path, llama_dir, capsys):
     target = tmp_path / "out" / "results.json"
     rc = run_cli(["eval", "--model", "hf", "--model_args", f"pretrained={llama_dir}", "--tasks", "capitals",
