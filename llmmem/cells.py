@@ -14,7 +14,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from llmmem.config import ConfigError, ModelSpec, check_keys, parse_bool, parse_float, parse_int, parse_kv_list
+from llmmem.config import ConfigError, ModelSpec, check_keys, parse_bool, parse_float, parse_int
 from llmmem.interventions import Chain, chain_canonical, chain_label
 
 RESULTS_LAYOUT = 2  # the cell layout (chains); bumped with results.SCHEMA_VERSION
@@ -37,42 +37,146 @@ def parse_limit(key: str, value):
     return parse_int(key, value, minimum=1)
 
 
-def parse_gen_kwargs(value) -> dict:
-    """``--gen_kwargs k=v,...`` (lm-eval): values parsed as YAML scalars (numbers, booleans, strings)."""
-    if value in (None, ""):
-        return {}
-    if isinstance(value, str):
-        from llmmem.config import yaml_load
+GEN_KWARGS = ("max_gen_toks", "until", "do_sample", "temperature", "top_p", "top_k")
+# lm-eval's aliases of max_gen_toks (lm_eval/models/utils.py normalize_gen_kwargs, in its priority order)
+MAX_TOKENS_ALIASES = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
 
-        raw = parse_kv_list(value, "--gen_kwargs")
+
+def split_top_level(text: str, sep: str = ",") -> list[str]:
+    """``text`` split at ``sep`` outside brackets and quotes (lm-eval's ``split_top_level`` for ``--gen_kwargs``:
+    ``until=["\\n\\n","Q:"],max_gen_toks=32`` is two items)."""
+    out, cur, depth, quote = [], [], 0, None
+    for ch in text:
+        if quote:
+            cur.append(ch)
+            if ch == quote:
+                quote = None
+            continue
+        if ch in "\"'":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth = max(0, depth - 1)
+        elif ch == sep and depth == 0:
+            out.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    out.append("".join(cur))
+    return [x.strip() for x in out if x.strip()]
+
+
+def _gen_value(text: str):
+    """A ``--gen_kwargs`` value as lm-eval reads it (``lm_eval/_cli/utils.py`` ``handle_cli_value_string``:
+    true/false, numbers, then ``ast.literal_eval`` (lists, quoted strings with escapes, None), else the text)."""
+    import ast
+
+    v = text.strip()
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    if v.isnumeric():
+        return int(v)
+    try:
+        return float(v)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(v)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return v
+
+
+def parse_gen_kwargs(value) -> dict:
+    """``--gen_kwargs k=v,...`` (lm-eval): overrides of a task's ``generation_kwargs`` for every generate request.
+
+    Keys: max_gen_toks (or lm-eval's aliases max_new_tokens, max_tokens, max_completion_tokens), until (a
+    string or a list: ``until=["\\n\\n","Q:"]``), do_sample, temperature, top_p, top_k (0 only: llmmem's
+    backends sample without top-k). As lm-eval, ``temperature=0`` without do_sample means greedy."""
+    if value in (None, "", {}):
+        return {}
+    if isinstance(value, (list, tuple)):  # lm-eval 0.4.13's space-separated form: --gen_kwargs a=1 b=2
+        value = ",".join(str(v) for v in value)
+    if isinstance(value, str) and value.strip().startswith("{"):  # lm-eval also takes a JSON object
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise ConfigError(f"--gen_kwargs {value!r} is not valid JSON ({e}); or write k=v,k=v") from None
+    if isinstance(value, str):
         out = {}
-        for k, v in raw.items():
-            try:
-                out[k] = yaml_load(v)
-            except Exception:  # noqa: BLE001 - a plain string
-                out[k] = v
+        for item in split_top_level(value):
+            if "=" not in item:
+                raise ConfigError(f"--gen_kwargs: {item!r} is not key=value (expected k=v,k=v)")
+            k, v = item.split("=", 1)
+            k = k.strip()
+            if k in out:
+                raise ConfigError(f"--gen_kwargs: key {k!r} is given twice")
+            out[k] = _gen_value(v)
         value = out
     if not isinstance(value, dict):
         raise ConfigError(f"gen_kwargs must be k=v,... or a mapping, got {value!r}")
-    allowed = {"max_gen_toks", "until", "do_sample", "temperature", "top_p", "top_k", "max_new_tokens"}
-    check_keys("gen_kwargs", value, allowed)
-    out = dict(value)
-    if "max_new_tokens" in out:
-        out["max_gen_toks"] = out.pop("max_new_tokens")
-    if "max_gen_toks" in out:
-        out["max_gen_toks"] = parse_int("gen_kwargs.max_gen_toks", out["max_gen_toks"], minimum=1)
+    check_keys("gen_kwargs", value, set(GEN_KWARGS) | set(MAX_TOKENS_ALIASES))
+    out = {k: v for k, v in value.items() if k not in MAX_TOKENS_ALIASES}
+    given = [k for k in MAX_TOKENS_ALIASES if value.get(k) is not None]
+    if given:
+        out["max_gen_toks"] = parse_int(f"gen_kwargs.{given[0]}", value[given[0]], minimum=1)
     if "temperature" in out:
         out["temperature"] = parse_float("gen_kwargs.temperature", out["temperature"], low=0.0)
     if "top_p" in out:
         out["top_p"] = parse_float("gen_kwargs.top_p", out["top_p"], low=0.0, high=1.0, low_open=True)
     if "top_k" in out:
-        out["top_k"] = parse_int("gen_kwargs.top_k", out["top_k"], minimum=0)
+        k = parse_int("gen_kwargs.top_k", out["top_k"], minimum=0)
+        if k != 0:
+            raise ConfigError(f"gen_kwargs.top_k={k}: llmmem's backends sample without top-k; only top_k=0 "
+                              f"(off) is accepted")
+        del out["top_k"]
     if "do_sample" in out:
         out["do_sample"] = parse_bool("gen_kwargs.do_sample", out["do_sample"])
+    elif out.get("temperature") == 0.0:
+        out["do_sample"] = False  # lm-eval: temperature 0 without do_sample is greedy
+    if out.get("do_sample") and out.get("temperature") == 0.0:
+        raise ConfigError("gen_kwargs: do_sample=true with temperature=0 is not a sampling setting; give "
+                          "temperature > 0 or do_sample=false")
     if "until" in out:
         u = out["until"]
+        if u is None:
+            u = []
         out["until"] = [str(x) for x in (u if isinstance(u, list) else [u])]
     return out
+
+
+def parse_seed(value) -> tuple[int, int | None, int | None, int | None]:
+    """``--seed``: one integer (llmmem's cell seed), or lm-eval's ``python,numpy,torch,fewshot`` form.
+
+    Returns (cell seed, numpy seed, torch seed, fewshot seed); ``None`` where the form leaves the seed to
+    llmmem's default (one integer; a slot written ``None``). The python seed is llmmem's cell seed (it seeds
+    the interventions, the bootstrap and, unless the fourth value is given, the few-shot sampler as
+    ``1234 + seed``); numpy and torch seed those generators before the run; the torch seed also seeds sampled
+    generation (``gen_kwargs do_sample=true``); the fewshot seed is the few-shot sampler's seed itself.
+    lm-eval reads one integer as all four seeds; llmmem keeps one integer its cell seed (so ``--seed 0`` is
+    lm-eval's default ``0,1234,1234,1234``, and ``--seed 3`` draws shots with seed 1237)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"--seed {value!r} is not an integer")
+    if isinstance(value, int):
+        return parse_int("--seed", value, minimum=0), None, None, None
+    text = str(value).strip()
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) == 1:
+        return parse_int("--seed", text, minimum=0), None, None, None
+    if len(parts) not in (3, 4):  # lm-eval: 3 or 4 values, a missing fourth takes its default 1234
+        raise ConfigError(f"--seed {text!r}: give one integer, or lm-eval's python,numpy,torch,fewshot seeds "
+                          f"(e.g. 0,1234,1234,1234; None leaves a seed at its default)")
+    if len(parts) == 3:
+        parts.append("1234")
+
+    def one(i, name):
+        p = parts[i]
+        if p.lower() == "none":
+            return None
+        return parse_int(f"--seed ({name})", p, minimum=0)
+
+    py = one(0, "python")
+    return (py if py is not None else 0), one(1, "numpy"), one(2, "torch"), one(3, "fewshot")
 
 
 @dataclass
@@ -87,11 +191,13 @@ class EvalSpec:
     num_fewshot: int | None = None
     backend: str = "hf"
     apply_chat_template: object = False  # False, True (the model's default template) or a template name
-    fewshot_as_multiturn: bool = False
+    fewshot_as_multiturn: bool | None = None  # None: on with a chat template (lm-eval 0.4.13's default)
     system_instruction: str | None = None
     gen_kwargs: dict = field(default_factory=dict)
     mia_reference: str | None = None
     predict_only: bool = False
+    fewshot_seed: int | None = None  # lm-eval's fourth --seed value; None: 1234 + the cell seed
+    torch_seed: int | None = None  # lm-eval's third --seed value: seeds sampled generation; None: the cell seed
     track: dict | None = None  # per-example survival measures of example sets (llmmem.tracking.check_track)
 
     def __post_init__(self):
@@ -115,16 +221,39 @@ class EvalSpec:
             low = v.lower()
             self.apply_chat_template = True if low in ("true", "1", "yes", "default") else \
                 False if low in ("false", "0", "no", "") else v
-        self.fewshot_as_multiturn = parse_bool("fewshot_as_multiturn", self.fewshot_as_multiturn)
+        if self.fewshot_as_multiturn is None:  # lm-eval 0.4.13: on by default with --apply_chat_template
+            self.fewshot_as_multiturn = bool(self.apply_chat_template)
+        else:
+            self.fewshot_as_multiturn = parse_bool("fewshot_as_multiturn", self.fewshot_as_multiturn)
         if self.fewshot_as_multiturn and not self.apply_chat_template:
-            raise ConfigError("fewshot_as_multiturn needs apply_chat_template (as in lm-eval)")
-        if self.system_instruction is not None and not str(self.system_instruction).strip():
-            self.system_instruction = None
+            raise ConfigError("fewshot_as_multiturn=true needs apply_chat_template (as in lm-eval): few-shot "
+                              "examples become chat turns only inside a chat template")
+        if self.system_instruction is not None:
+            if not isinstance(self.system_instruction, str):
+                raise ConfigError(f"system_instruction must be text, got {self.system_instruction!r}")
+            if not self.system_instruction.strip():
+                self.system_instruction = None
         self.gen_kwargs = parse_gen_kwargs(self.gen_kwargs)
         self.predict_only = parse_bool("predict_only", self.predict_only)
+        for key in ("fewshot_seed", "torch_seed"):
+            if getattr(self, key) is not None:
+                setattr(self, key, parse_int(key, getattr(self, key), minimum=0))
         from llmmem.tracking import check_track
 
         self.track = check_track(self.track)
+
+    def fewshot_seed_for(self, seed: int) -> int:
+        """The few-shot sampler's seed of a cell with seed ``seed``."""
+        from llmmem.tasks import fewshot_seed
+
+        return self.fewshot_seed if self.fewshot_seed is not None else fewshot_seed(seed)
+
+    def sampling_seed_for(self, seed: int) -> int:
+        """The seed of sampled generations (``gen_kwargs do_sample=true``) of a cell with seed ``seed``."""
+        return self.torch_seed if self.torch_seed is not None else seed
+
+    def samples(self) -> bool:
+        return bool(self.gen_kwargs.get("do_sample"))
 
     def limit_for(self, task: str):
         if isinstance(self.limit, dict):
@@ -144,8 +273,24 @@ class EvalSpec:
             out["mia_reference"] = self.mia_reference
         if self.predict_only:
             out["predict_only"] = True
+        if self.fewshot_seed is not None:
+            out["fewshot_seed"] = self.fewshot_seed
+        if self.torch_seed is not None and self.samples():
+            out["torch_seed"] = self.torch_seed
         if self.track:
             out["track"] = self.track
+        return out
+
+    def canonical_for(self, seed: int) -> dict:
+        """:meth:`canonical` for a cell of seed ``seed``: a seed equal to its default (fewshot 1234 + seed,
+        torch = seed) is left out, so ``--seed 0`` and lm-eval's ``--seed 0,1234,0,1234`` are one cell."""
+        from llmmem.tasks import fewshot_seed
+
+        out = self.canonical()
+        if out.get("fewshot_seed") == fewshot_seed(seed):
+            del out["fewshot_seed"]
+        if out.get("torch_seed") == seed:
+            del out["torch_seed"]
         return out
 
 
@@ -167,7 +312,7 @@ class Cell:
     def config(self) -> dict:
         """The canonical config: what decides this cell's numbers."""
         return {"layout": RESULTS_LAYOUT, "model": self.model.identity(), "chain": chain_canonical(self.chain),
-                "eval": self.eval.canonical(), "seed": self.seed}
+                "eval": self.eval.canonical_for(self.seed), "seed": self.seed}
 
     def key(self) -> str:
         return config_hash(self.config())

@@ -40,19 +40,53 @@ def add_model_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
     g.add_argument("--model", required=required, metavar="NAME_OR_PATH",
                    help="local HF checkpoint dir, .gguf file, preset (llmmem ls models) or hub id "
                         "(or --model_args pretrained=NAME_OR_PATH, as lm-eval)")
-    g.add_argument("--model_args", default="", metavar="K=V,...",
+    g.add_argument("--model_args", default="", metavar="K=V,...", nargs="+", action=_JoinArgs,
                    help="pretrained=, dtype=float32|bfloat16|float16|auto, device=cpu|cuda|cuda:N|auto, revision=, "
-                        "trust_remote_code=, gguf_file=, offload=, max_length=")
+                        "trust_remote_code=, gguf_file=, offload=, max_length= (k=v,k=v or k=v k=v as lm-eval)")
     g.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (same as model_args device=)")
     g.add_argument("--trust_remote_code", action="store_true", default=None,
                    help="allow a hub model's own code (same as model_args trust_remote_code=true)")
 
 
+class _JoinArgs(argparse.Action):
+    """lm-eval 0.4.13 takes ``--model_args a=1 b=2`` / ``--tasks a b`` as well as ``a=1,b=2`` / ``a,b``: join
+    the values with commas (repeating the flag adds to it)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        vals = [values] if isinstance(values, str) else list(values)
+        old = getattr(namespace, self.dest, None)
+        parts = ([old] if old and old != self.default else []) + [v for v in vals if v != ""]
+        setattr(namespace, self.dest, ",".join(parts))
+
+
+# lm-eval's --model names a backend class ("hf" = HFLM): `lm_eval --model hf --model_args pretrained=M` pasted
+# as `llmmem eval --model hf --model_args pretrained=M` evaluates M on that backend
+LM_EVAL_MODEL_TYPES = {"hf": "hf", "hf-auto": "hf", "hf-causal": "hf", "huggingface": "hf", "vllm": "vllm"}
+
+
+def lm_eval_model_type(args) -> str | None:
+    """The llmmem backend an lm-eval ``--model`` backend name stands for (None when --model is a model)."""
+    from pathlib import Path
+
+    name = getattr(args, "model", None)
+    if name is None or str(name) not in LM_EVAL_MODEL_TYPES or Path(str(name)).expanduser().exists():
+        return None
+    return LM_EVAL_MODEL_TYPES[str(name)]
+
+
 def model_spec_of(args):
-    """--model / --model_args / --device / --trust_remote_code -> a ModelSpec (flags may not contradict)."""
+    """--model / --model_args / --device / --trust_remote_code -> a ModelSpec (flags may not contradict).
+
+    ``--model hf`` (or vllm) with ``--model_args pretrained=M`` is lm-eval's spelling: the model is M."""
     from llmmem.config import parse_kv_list
 
     kv = parse_kv_list(args.model_args)
+    kind = lm_eval_model_type(args)
+    if kind is not None:
+        if "pretrained" not in kv:
+            raise ConfigError(f"--model {args.model} is lm-eval's backend name; llmmem's --model is the model itself: "
+                              f"give --model NAME_OR_PATH, or --model {args.model} --model_args pretrained=NAME_OR_PATH")
+        args.model = None
     for flag, key in (("device", "device"), ("trust_remote_code", "trust_remote_code")):
         v = getattr(args, flag, None)
         if v is not None:
@@ -65,8 +99,11 @@ def model_spec_of(args):
 def add_run_flags(p: argparse.ArgumentParser, batch: bool = True) -> None:
     g = p.add_argument_group("run")
     if batch:
-        g.add_argument("--batch_size", default="8", help="requests per forward pass: N, auto or auto:N (default 8)")
-    g.add_argument("--seed", default="0", help="random seed (default 0)")
+        g.add_argument("--batch_size", default="8", help="requests per forward pass: N, auto or auto:N (default 8; "
+                       "auto: the largest that fits, found once per model and cached in $LLMMEM_HOME)")
+        g.add_argument("--max_batch_size", default=None, help="the cap of --batch_size auto (default 64, as lm-eval)")
+    g.add_argument("--seed", default="0", help="random seed (default 0); eval also takes lm-eval's "
+                   "python,numpy,torch,fewshot form (e.g. 0,1234,1234,1234)")
     g.add_argument("--threads", default=None,
                    help="CPU threads for torch (default: $LLMMEM_THREADS or half the cores)")
     g.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
@@ -139,8 +176,10 @@ def _single_cell_run(args, cell, *, settings, include_path=None, run_dir=None, s
     from llmmem.runner import Session, run_cell
 
     resolve(cell.model)
+    process_seeds = seed_process(getattr(args, "_seeds", None))
     session = Session(cell.model, batch_size=_batch(settings, cell), quiet=settings.quiet, include_path=include_path,
-                      need_tokenizer=need_tokenizer, keep_dense=False)
+                      need_tokenizer=need_tokenizer, keep_dense=False, max_batch_size=_max_batch(args))
+    session.process_seeds = process_seeds
     try:
         return run_cell(session, cell, run_dir=run_dir, save_to=save_to, overwrite=getattr(args, "overwrite", False),
                         log_samples=getattr(args, "log_samples", False), save_format=save_format,
@@ -151,6 +190,36 @@ def _single_cell_run(args, cell, *, settings, include_path=None, run_dir=None, s
 
 def _batch(settings, cell) -> int | str:
     return settings.batch_size
+
+
+def _max_batch(args) -> int | None:
+    from llmmem.config import parse_positive_int
+
+    v = getattr(args, "max_batch_size", None)
+    return None if v is None else parse_positive_int("--max_batch_size", v)
+
+
+def seed_process(seeds) -> dict:
+    """lm-eval's ``--seed python,numpy,torch,fewshot``: seed Python's, numpy's and torch's generators as lm-eval's
+    ``simple_evaluate`` does (after llmmem's own seeding); returns the numpy/torch seeds to record."""
+    if not seeds:
+        return {}
+    import random
+
+    py, np_seed, torch_seed, _fewshot = seeds
+    random.seed(py)
+    out = {}
+    if np_seed is not None:
+        import numpy as np
+
+        np.random.seed(np_seed)
+        out["numpy_seed"] = np_seed
+    if torch_seed is not None:
+        import torch
+
+        torch.manual_seed(torch_seed)
+        out["torch_seed"] = torch_seed
+    return out
 
 
 def _prune_step(args):
@@ -214,28 +283,51 @@ def cmd_quantize(args) -> int:
 
 
 # ----------------------------------------------------------------------------- eval
-def eval_spec_of(args, tasks):
+def eval_spec_of(args, tasks, seeds=None):
     from llmmem.cells import EvalSpec
 
-    return EvalSpec(tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot, backend=args.backend,
+    backend = args.backend
+    kind = getattr(args, "_lm_eval_backend", None)
+    if kind is not None:
+        if backend not in (None, kind):
+            raise ConfigError(f"--model {kind} (lm-eval's backend name) and --backend {backend} disagree; give one")
+        backend = kind
+    seeds = seeds or (None, None, None, None)
+    return EvalSpec(tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot, backend=backend or "hf",
                     apply_chat_template=args.apply_chat_template if args.apply_chat_template is not None else False,
                     fewshot_as_multiturn=args.fewshot_as_multiturn, system_instruction=args.system_instruction,
-                    gen_kwargs=args.gen_kwargs, mia_reference=args.mia_reference, predict_only=args.predict_only)
+                    gen_kwargs=args.gen_kwargs, mia_reference=args.mia_reference, predict_only=args.predict_only,
+                    fewshot_seed=seeds[3], torch_seed=seeds[2])
+
+
+def eval_output_path(path: str) -> tuple[str, str | None]:
+    """``--output_path``: a run directory, or (as lm-eval) a ``.json`` file name: the run directory is then its
+    folder, and the cell's results.json is also copied beside it as ``<stem>_<date>.json`` (lm-eval's name)."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if p.suffix.lower() == ".json" and not p.is_dir():
+        return str(p.parent), p.stem
+    return str(p), None
 
 
 def cmd_eval(args) -> int:
     from pathlib import Path
 
-    from llmmem.cells import Cell
-    from llmmem.config import check_output_path, parse_int
+    from llmmem.cells import Cell, parse_seed
+    from llmmem.config import check_output_path
     from llmmem.evaluation import check_tasks, resolve_tasks
     from llmmem.results import CellDir
     from llmmem.tasks import parse_task_list, with_model_tasks
 
-    settings = settings_from(args)
+    seeds = parse_seed(args.seed)
+    args._seeds = seeds if "," in str(args.seed) else None
+    settings = settings_from(args, seed=seeds[0])
+    _max_batch(args)
+    args._lm_eval_backend = lm_eval_model_type(args)
     spec = model_spec_of(args)
     names = parse_task_list(args.tasks)
-    ev = eval_spec_of(args, names)
+    ev = eval_spec_of(args, names, seeds)
     from llmmem.backends import check_backend
 
     check_backend(ev.backend)
@@ -248,24 +340,60 @@ def cmd_eval(args) -> int:
     include = with_model_tasks(args.include_path, [spec.name])
     tasks = resolve_tasks(names, include)
     check_tasks(tasks, ev.limit_for)
-    check_output_path("--output_path", args.output_path)
-    cell = Cell(spec, (), ev, parse_int("--seed", args.seed, minimum=0))
-    cd = CellDir(args.output_path, cell.name())
+    run_dir, json_stem = eval_output_path(args.output_path)
+    check_output_path("--output_path", run_dir)
+    if ev.apply_chat_template:
+        from llmmem.chat import check_model_template
+
+        check_model_template(spec, ev.apply_chat_template)  # the tokenizer only: before the model loads
+    cell = Cell(spec, (), ev, seeds[0])
+    cd = CellDir(run_dir, cell.name())
     if cd.done and not args.overwrite:
         raise ConfigError(f"cell {cd.path} is already finished; pass --overwrite to redo it")
-    payload = _single_cell_run(args, cell, settings=settings, include_path=include, run_dir=args.output_path)
+    args.log_samples = args.log_samples or ev.predict_only  # lm-eval: --predict_only implies --log_samples
+    payload = _single_cell_run(args, cell, settings=settings, include_path=include, run_dir=run_dir)
     from llmmem.report import buckets_table, metrics_table
 
     results = payload["_results"]
-    table = {r.task: r.metrics for r in results}
-    print(metrics_table(table, {r.task: r.n_samples for r in results}))
-    bt = buckets_table(table)
-    if bt and not settings.quiet:
-        print(bt)
+    if args.write_out:
+        _write_out(results)
+    if ev.predict_only:
+        print("predict only: no metric was computed; the outputs are in the samples files:")
+        for r in results:
+            print(f"  {r.task}: {r.n_samples} docs")
+    else:
+        table = {r.task: r.metrics for r in results}
+        print(metrics_table(table, {r.task: r.n_samples for r in results}))
+        bt = buckets_table(table)
+        if bt and not settings.quiet:
+            print(bt)
     for w in payload.get("warnings") or []:
         print(f"warning: {w}")
+    if args.show_config or json_stem:
+        doc = (Path(payload["_path"]) / "results.json").read_text()
+        if args.show_config:
+            print(doc)
+        if json_stem:
+            from llmmem.lmeval_format import date_id
+            from llmmem.results import atomic_write_text
+
+            copy = Path(run_dir) / f"{json_stem}_{date_id()}.json"
+            atomic_write_text(copy, doc)
+            print(f"wrote {copy}")
     print(f"\nwrote {payload['_path']}")
     return 0
+
+
+def _write_out(results) -> None:
+    """``--write_out`` (lm-eval's ``print_writeout``): the first document's prompt and target of every task."""
+    for r in results:
+        if not r.rows:
+            continue
+        row = r.rows[0]
+        prompt = row.get("prompt", row.get("prefix", ""))
+        print(f"Task: {r.task}; document 0; context prompt (starting on next line):\n{prompt}\n"
+              f"(end of prompt on previous line)\ntarget string or answer choice index (starting on next line):\n"
+              f"{row.get('target', row.get('label', ''))}\n(end of target on previous line)")
 
 
 def cmd_validate(args) -> int:
@@ -667,21 +795,44 @@ def cmd_ls(args) -> int:
 COMMANDS: dict[str, Callable] = {}
 
 
+def _bool_flag(value: str):
+    """lm-eval 0.4.13's ``--fewshot_as_multiturn [true|false]``."""
+    from llmmem.config import parse_bool
+
+    try:
+        return parse_bool("--fewshot_as_multiturn", value)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("evaluation (lm-evaluation-harness spelling)")
+    g = p.add_argument_group("evaluation (lm-evaluation-harness spelling and meaning)")
     g.add_argument("--limit", default=None, help="per task: the first N docs, or a fraction 0 < x < 1 of them")
     g.add_argument("--num_fewshot", type=int, default=None, help="override every task's shot count")
-    g.add_argument("--backend", default="hf", help="hf (default) | vllm")
+    g.add_argument("--backend", default=None, help="hf (default) | vllm (also: --model hf|vllm with --model_args "
+                   "pretrained=..., as lm-eval)")
     g.add_argument("--apply_chat_template", nargs="?", const=True, default=None, metavar="TEMPLATE",
-                   help="wrap prompts in the model's chat template (or the named template)")
-    g.add_argument("--fewshot_as_multiturn", action="store_true",
-                   help="with --apply_chat_template: few-shot examples as user/assistant turns")
-    g.add_argument("--system_instruction", default=None, help="a system message before every prompt")
-    g.add_argument("--gen_kwargs", default=None, metavar="K=V,...",
-                   help="override the tasks' generation settings: max_gen_toks, until, do_sample, temperature, top_p")
-    g.add_argument("--predict_only", action="store_true", help="log the model's outputs; no metric is computed")
+                   help="recall/icl prompts in the model's chat template (or its template named TEMPLATE), built as "
+                        "lm-eval builds them; extraction and MIA score raw text")
+    g.add_argument("--fewshot_as_multiturn", nargs="?", const=True, default=None, type=_bool_flag, metavar="BOOL",
+                   help="few-shot examples as user/assistant turns (default with --apply_chat_template, as lm-eval "
+                        "0.4.13; 'false': all in one user message)")
+    g.add_argument("--system_instruction", default=None,
+                   help="a system message (with a chat template), else text before the prompt, as lm-eval")
+    g.add_argument("--gen_kwargs", default=None, metavar="K=V,...", nargs="+", action=_JoinArgs,
+                   help="override recall/icl tasks' generation settings: max_gen_toks, until, do_sample, "
+                        "temperature, top_p (e.g. max_gen_toks=32,until=[\"\\n\\n\"])")
+    g.add_argument("--predict_only", action="store_true",
+                   help="log the model's outputs (implies --log_samples); no metric is computed")
     g.add_argument("--mia_reference", default=None, metavar="MODEL",
                    help="reference model for the reference-ratio membership score")
+    g = p.add_argument_group("output (lm-evaluation-harness spelling)")
+    g.add_argument("--verbosity", default=None, type=str.upper, metavar="LEVEL",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                   help="log level: DEBUG | INFO (default) | WARNING | ERROR | CRITICAL")
+    g.add_argument("--write_out", "-w", action="store_true",
+                   help="print each task's first prompt and target (after the run)")
+    g.add_argument("--show_config", action="store_true", help="print the cell's results.json (configs included)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -778,10 +929,13 @@ def build_parser() -> argparse.ArgumentParser:
                       "--limit 0.25",
                       "llmmem eval --model ./ckpt --tasks wikimia --mia_reference smollm2-135m"))
     add_model_flags(p)
-    p.add_argument("--tasks", required=True, help="comma-separated task names (llmmem ls tasks; lm_eval:<task>)")
+    p.add_argument("--tasks", required=True, nargs="+", action=_JoinArgs,
+                   help="comma-separated task names (llmmem ls tasks; lm_eval:<task>)")
     add_eval_flags(p)
-    p.add_argument("--output_path", default="results/eval", help="run directory (default results/eval)")
-    p.add_argument("--log_samples", action="store_true", help="keep prompts in samples_<task>.jsonl")
+    p.add_argument("--output_path", default="results/eval",
+                   help="run directory (default results/eval); a .json file name (as lm-eval): its folder is the run "
+                        "directory and results.json is also copied there as <name>_<date>.json")
+    p.add_argument("--log_samples", "-s", action="store_true", help="keep prompts in samples_<task>.jsonl")
     p.add_argument("--overwrite", action="store_true", help="redo a finished cell")
     p.add_argument("--include_path", default=None,
                    help="extra directory of task YAMLs (llmmem's, and lm-eval's for lm_eval: tasks)")
@@ -930,8 +1084,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     quiet = getattr(args, "quiet", False)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="llmmem: %(message)s", stream=sys.stderr)
+    verbosity = getattr(args, "verbosity", None)  # lm-eval's --verbosity
+    level = getattr(logging, verbosity) if verbosity else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="llmmem: %(message)s", stream=sys.stderr)
+    if verbosity:
+        logging.getLogger().setLevel(level)
     if quiet:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:

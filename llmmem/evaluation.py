@@ -36,25 +36,57 @@ def check_tasks(tasks: list, limit_for) -> None:
             t.docs(limit=limit_count(t, lim))
 
 
+def prompt_format(eval_spec, backend, seed: int):
+    """The ``PromptFormat`` of an evaluation: the chat template (rendered with the backend's tokenizer), the
+    system instruction, multi-turn shots and the few-shot seed of ``eval_spec`` (an ``EvalSpec``)."""
+    from llmmem.tasks import PromptFormat
+
+    if eval_spec is None:
+        return None
+    chat = None
+    if eval_spec.apply_chat_template:
+        from llmmem.chat import chat_renderer
+
+        chat = chat_renderer(getattr(backend, "tok", None), eval_spec.apply_chat_template)
+    return PromptFormat(system_instruction=eval_spec.system_instruction, chat=chat,
+                        fewshot_as_multiturn=bool(eval_spec.fewshot_as_multiturn),
+                        fewshot_seed=eval_spec.fewshot_seed_for(seed))
+
+
 def evaluate(backend, tasks: list[Task], *, limit: int | float | dict | None = None, num_fewshot: int | None = None,
              seed: int = 0, ref_backend=None, on_task=None, eval_spec=None) -> list[TaskResult]:
     """Run every task; ``limit`` is one count/fraction or {task: count/fraction}; ``eval_spec`` (an
-    ``EvalSpec``) supplies limit and num_fewshot when given."""
+    ``EvalSpec``) supplies limit and num_fewshot when given, and the lm-eval flags: chat template, system
+    instruction, few-shot seed (recall / icl prompts; extraction and MIA score raw text and ignore them),
+    ``gen_kwargs`` (recall / icl generate requests; extraction generates its suffix greedily, always),
+    ``predict_only`` (outputs, no metrics)."""
     from llmmem.lmeval import LmEvalTask, run_lm_eval
 
+    fmt = None
+    predict_only, sampling_seed = False, None
     if eval_spec is not None:
         limit = {t.name: eval_spec.limit_for(t.name) for t in tasks}
         num_fewshot = eval_spec.num_fewshot
+        fmt = prompt_format(eval_spec, backend, seed)
+        predict_only = eval_spec.predict_only
+        sampling_seed = eval_spec.sampling_seed_for(seed)
+        ignored = sorted({t.suite for t in tasks if isinstance(t, Task) and t.suite not in ("recall", "icl")})
+        if ignored and (eval_spec.apply_chat_template or eval_spec.system_instruction):
+            log.info("%s tasks score raw text: the chat template and system instruction do not apply to them",
+                     "/".join(ignored))
     out = []
     for task in tasks:
         lim = limit.get(task.name) if isinstance(limit, dict) else limit
         if isinstance(task, LmEvalTask):
-            results = run_lm_eval(task, backend, limit=lim, num_fewshot=num_fewshot, seed=seed)
+            results = run_lm_eval(task, backend, limit=lim, num_fewshot=num_fewshot, seed=seed, eval_spec=eval_spec)
         else:
+            if eval_spec is not None and task.suite in ("recall", "icl"):
+                task = task.with_generation_kwargs(eval_spec.gen_kwargs)
             results = [run_task(task, backend, limit=limit_count(task, lim), num_fewshot=num_fewshot, seed=seed,
-                                ref_backend=ref_backend)]
+                                ref_backend=ref_backend, prompt_format=fmt, predict_only=predict_only,
+                                sampling_seed=sampling_seed)]
         for res in results:
-            log.info("%s: %s (%.1fs)", res.task, _headline(res), res.seconds)
+            log.info("%s: %s (%.1fs)", res.task, _headline(res) or "outputs only (predict_only)", res.seconds)
             if on_task:
                 on_task(res)
             out.append(res)

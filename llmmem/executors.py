@@ -240,7 +240,8 @@ class WorkerJob:
     run_id: str
     works: list  # [ModelWork]
     worker: str = "main"
-    batch_size: object = 8
+    batch_size: object = 8  # N, "auto" or "auto:N" (resolved once per model by the Session)
+    max_batch_size: int | None = None  # the cap of --batch_size auto
     log_samples: bool = False
     use_cache: str | None = None
     quiet: bool = True
@@ -379,7 +380,7 @@ def _session(job: WorkerJob, entry, ctx, cell):
 
         try:
             ctx["session"] = Session(entry.spec, batch_size=job.batch_size, quiet=job.quiet,
-                                     include_path=entry.include_path)
+                                     include_path=entry.include_path, max_batch_size=job.max_batch_size)
         except Exception as e:  # noqa: BLE001
             ctx["load_error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
             raise
@@ -434,8 +435,8 @@ def execute(spec, run_dir: Path, planned: list, ex: ExecutorSpec, *, overwrite: 
     run_id = new_run_id()
     works = make_units(planned)
     job = WorkerJob(run_dir=str(run_dir), run_id=run_id, works=works, batch_size=spec.batch_size,
-                    log_samples=spec.log_samples, use_cache=spec.use_cache, quiet=quiet, overwrite=overwrite,
-                    threads=threads)
+                    max_batch_size=spec.max_batch_size, log_samples=spec.log_samples, use_cache=spec.use_cache,
+                    quiet=quiet, overwrite=overwrite, threads=threads)
     outcome = Outcome()
     if not works:
         return outcome

@@ -71,8 +71,11 @@ def _split_key(key: str) -> tuple[str, str | None]:
     return metric, (flt or None)
 
 
-def run_lm_eval(task: LmEvalTask, backend, *, limit=None, num_fewshot=None, seed: int = 0) -> list[TaskResult]:
-    """Run one lm-eval task or group on the backend's in-memory model; one TaskResult per lm-eval task."""
+def run_lm_eval(task: LmEvalTask, backend, *, limit=None, num_fewshot=None, seed: int = 0,
+                eval_spec=None) -> list[TaskResult]:
+    """Run one lm-eval task or group on the backend's in-memory model; one TaskResult per lm-eval task.
+    ``eval_spec`` (an ``EvalSpec``) passes lm-eval's own flags through: chat template, multi-turn shots,
+    system instruction, ``gen_kwargs``, ``predict_only``, the few-shot and torch seeds."""
     _require()
     from lm_eval import simple_evaluate
 
@@ -80,10 +83,18 @@ def run_lm_eval(task: LmEvalTask, backend, *, limit=None, num_fewshot=None, seed
 
     t0 = time.time()
     model = _lm_eval_model(backend)
+    flags = {}
+    fs_seed, torch_seed = fewshot_seed(seed), seed
+    if eval_spec is not None:
+        flags = {"apply_chat_template": eval_spec.apply_chat_template,
+                 "fewshot_as_multiturn": bool(eval_spec.fewshot_as_multiturn),
+                 "system_instruction": eval_spec.system_instruction, "gen_kwargs": dict(eval_spec.gen_kwargs) or None,
+                 "predict_only": eval_spec.predict_only}
+        fs_seed, torch_seed = eval_spec.fewshot_seed_for(seed), eval_spec.sampling_seed_for(seed)
     out = simple_evaluate(model=model, tasks=[task.lm_eval_name], num_fewshot=num_fewshot, limit=limit,
                           task_manager=_task_manager(task.include_path), log_samples=True, random_seed=seed,
-                          numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=fewshot_seed(seed),
-                          bootstrap_iters=1000, verbosity="ERROR")
+                          numpy_random_seed=seed, torch_random_seed=torch_seed, fewshot_random_seed=fs_seed,
+                          bootstrap_iters=1000, verbosity="ERROR", **flags)
     results = []
     for name, res in out["results"].items():
         metrics = {}
@@ -97,6 +108,8 @@ def run_lm_eval(task: LmEvalTask, backend, *, limit=None, num_fewshot=None, seed
             metrics[ours + ("_stderr" if stderr else "")] = None if value == "N/A" else float(value)
         for k in [k for k in metrics if not k.endswith("_stderr")]:
             metrics.setdefault(f"{k}_stderr", float("nan"))
+        if flags.get("predict_only"):  # lm-eval's placeholder metric ("bypass": 999) is not a score
+            metrics = {}
         primary = next((k for k in metrics if not k.endswith("_stderr")), None)
         samples = out.get("samples", {}).get(name, [])
         rows = [{"id": s.get("doc_id"), "target": s.get("target"), "response": _first(s.get("filtered_resps")),

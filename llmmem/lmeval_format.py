@@ -296,6 +296,7 @@ def to_lm_eval(payload: dict, *, tasks: dict | None = None, samples: dict | None
 
     name, model_args = _model_args(config, payload.get("model") or {}, payload.get("pruning"))
     seed = config.get("seed", (payload.get("seeds") or {}).get("seed"))
+    seeds = payload.get("seeds") or {}  # the few-shot sampler's seed is 1234 + seed unless lm-eval's --seed set it
     ev = config.get("eval") if isinstance(config.get("eval"), dict) else config  # schema 2 keeps eval settings apart
     run = payload.get("run") or {}
     dtype = model_args.get("dtype")
@@ -305,8 +306,9 @@ def to_lm_eval(payload: dict, *, tasks: dict | None = None, samples: dict | None
         "batch_size": run.get("batch_size", config.get("batch_size")), "batch_sizes": [],
         "device": run.get("device", model_args.get("device")),
         "use_cache": run.get("use_cache", config.get("use_cache")), "limit": _limit(ev), "bootstrap_iters": 1000,
-        "gen_kwargs": ev.get("gen_kwargs"), "random_seed": seed, "numpy_seed": seed, "torch_seed": seed,
-        "fewshot_seed": seed, "backend": ev.get("backend"),
+        "gen_kwargs": ev.get("gen_kwargs"), "random_seed": seed, "numpy_seed": seeds.get("numpy_seed", seed),
+        "torch_seed": seeds.get("torch_seed", seed), "fewshot_seed": seeds.get("fewshot_seed", seed),
+        "backend": ev.get("backend"),
         "llmmem": {"fingerprint": (payload.get("model") or {}).get("fingerprint") or config.get("dense_fingerprint")},
     }
     commit = ((env.get("git") or {}) if isinstance(env, dict) else {}).get("commit")

@@ -159,7 +159,8 @@ def describe_group(group: str) -> str:
     lims = sorted({str(v) for v in lim.values()})
     return (f"tasks {', '.join(ev.get('tasks', []))}; limit {'/'.join(lims) if lims else 'none'}; "
             f"num_fewshot {ev.get('num_fewshot')}; backend {ev.get('backend')}"
-            + ("; chat template" if ev.get("apply_chat_template") else ""))
+            + ("; chat template" if ev.get("apply_chat_template") else "")
+            + ("; predict only" if ev.get("predict_only") else ""))
 
 
 def chance_of(doc: dict, task: str, metric: str) -> float:
@@ -198,6 +199,8 @@ def build_report(run_dir) -> str:
 
 
 def _group_tables(model: str, tag: str, mcells: list[dict], cells: list[dict]) -> list[str]:
+    if all(c["doc"].get("predict_only") for c in mcells):
+        return _predict_only_section(model, tag, mcells)
     lines = []
     rows = []
     for c in mcells:
@@ -300,6 +303,18 @@ def benchmark_tables(cells: list[dict], mcells: list[dict]) -> list[str]:
         else:
             out += [MUSE_NOTE, ""]
     return out
+
+
+def _predict_only_section(model: str, tag: str, mcells: list[dict]) -> list[str]:
+    """Cells run with ``--predict_only``: outputs were logged, nothing was scored, so no table of numbers."""
+    lines = [f"## {model}{tag} — predict only (outputs logged, no metric computed)", "",
+             "| cell | task | docs | outputs |", "|---|---|---:|---|"]
+    for c in mcells:
+        for task, n in (c["doc"].get("n_samples") or {}).items():
+            from llmmem.results import safe_name
+
+            lines.append(f"| {c['label']} | {task} | {n} | {c['path']}/samples_{safe_name(task)}.jsonl |")
+    return lines + [""]
 
 
 def recall_vs_icl(cells: list[dict], mcells: list[dict]) -> list[str]:

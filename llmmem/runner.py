@@ -28,8 +28,9 @@ PROMPT_KEYS = ("prompt", "prefix", "response")
 class Session:
     """One loaded model and everything the cells evaluated on it share."""
 
-    def __init__(self, model_spec: ModelSpec, *, batch_size: int = 8, quiet: bool = True,
-                 include_path: str | None = None, need_tokenizer: bool = True, keep_dense: bool = True):
+    def __init__(self, model_spec: ModelSpec, *, batch_size: int | str = 8, quiet: bool = True,
+                 include_path: str | None = None, need_tokenizer: bool = True, keep_dense: bool = True,
+                 max_batch_size: int | None = None):
         import torch
 
         from llmmem.models import load_model, resolve_device
@@ -38,7 +39,10 @@ class Session:
         self.spec = model_spec
         self.lm = load_model(model_spec, need_tokenizer=need_tokenizer)
         self.device = resolve_device(model_spec.device)
-        self.batch_size = batch_size
+        from llmmem.autobatch import resolve_batch_size
+
+        # --batch_size auto[:N]: the largest batch that fits, found once per model/device/dtype/max_length
+        self.batch_size, self.batch_size_auto = resolve_batch_size(batch_size, self.lm, max_batch_size=max_batch_size)
         self.quiet = quiet
         self.include_path = include_path
         # the dense weights stay on the CPU (the model may be on an accelerator); a one-cell run keeps none
@@ -202,12 +206,14 @@ def run_cell(session: Session, cell: Cell, *, run_dir: Path | str | None = None,
     from llmmem.evaluation import evaluate, resolve_tasks
 
     tc = time.time()
+    log_samples = log_samples or cell.eval.predict_only  # lm-eval: --predict_only implies --log_samples
     celldir = CellDir(run_dir, cell.name()).prepare(overwrite=overwrite) if run_dir is not None else None
     try:
         holder: dict = {}
         reports, warnings, timings = apply_chain(session, cell, hooks_for=_tracking_hooks(session, cell, celldir, holder))
         if tasks is None:
             tasks = resolve_tasks(cell.eval.tasks, session.include_path) if cell.eval.tasks else []
+        tasks = effective_tasks(tasks, cell.eval)
         results = []
         if tasks and celldir is not None:
             backend = session.backend(cell.eval.backend)
@@ -226,8 +232,12 @@ def run_cell(session: Session, cell: Cell, *, run_dir: Path | str | None = None,
                 eval_backend = CachingBackend(backend, cache_dir, cache_model_key(session.lm.fingerprint,
                                                                                   cell.weights_key()))
             ref = session.reference_backend(cell.eval.mia_reference) if cell.eval.mia_reference else None
-            session._torch.manual_seed(cell.seed)
+            session._torch.manual_seed(cell.eval.sampling_seed_for(cell.seed))  # lm-eval's torch seed, if given
             results = evaluate(eval_backend, tasks, eval_spec=cell.eval, seed=cell.seed, ref_backend=ref)
+            if eval_backend is not backend:  # what the request cache answered for this cell
+                st = eval_backend.stats
+                timings["request_cache"] = {"hits": st["hits"], "misses": st["misses"],
+                                            "uncacheable": st["uncacheable"]}
         survival = None
         if cell.eval.track and celldir is not None:
             from llmmem.tracking import survival_metrics, survival_rows
@@ -266,6 +276,17 @@ def run_cell(session: Session, cell: Cell, *, run_dir: Path | str | None = None,
         if celldir is not None:
             celldir.discard()
         raise
+
+
+def effective_tasks(tasks: list, ev) -> list:
+    """The tasks as evaluated: ``--gen_kwargs`` merged into the generation settings of recall / icl tasks
+    (lm-eval updates a generate task's ``generation_kwargs``), so samples and configs record what ran."""
+    from llmmem.tasks import Task
+
+    if not ev.gen_kwargs:
+        return tasks
+    return [t.with_generation_kwargs(ev.gen_kwargs) if isinstance(t, Task) and t.suite in ("recall", "icl") else t
+            for t in tasks]
 
 
 def write_samples(celldir: CellDir, results: list, tasks: list, cell: Cell, payload: dict, log_samples: bool) -> dict:
@@ -310,9 +331,8 @@ def cell_payload(session: Session, cell: Cell, reports: list[dict], warnings: li
                            "suite": r.suite, "primary_metric": r.primary_metric, "chance": r.chance,
                            "conventions": r.conventions, "n_truncated": r.n_truncated}
                   for r in results},
-        "seeds": {"seed": cell.seed},
-        "run": {"batch_size": session.batch_size, "device": str(session.device), "log_samples": log_samples,
-                "backend": cell.eval.backend},
+        "seeds": seeds_of(session, cell),
+        "run": run_section(session, cell, log_samples),
         "warnings": warnings + [f"{r.task}: {r.n_truncated} request(s) did not fit the model's context "
                                 f"(prompts left-cut, or long texts scored in windows)"
                                 for r in results if r.n_truncated],
@@ -321,7 +341,34 @@ def cell_payload(session: Session, cell: Cell, reports: list[dict], warnings: li
     }
     for step, report in zip(cell.chain, reports):
         payload[step.intervention.section] = report  # the last step of each kind, by its section name
+    if cell.eval.predict_only:
+        payload["predict_only"] = True  # outputs in samples_<task>.jsonl; no metric was computed
     return payload
+
+
+def seeds_of(session: Session, cell: Cell) -> dict:
+    """Every seed the cell used: the cell seed, the few-shot sampler's, sampled generation's, and the numpy
+    and torch seeds lm-eval's ``--seed a,b,c,d`` set for the process (``session.process_seeds``)."""
+    out = {"seed": cell.seed, "fewshot_seed": cell.eval.fewshot_seed_for(cell.seed)}
+    if cell.eval.samples():
+        out["sampling_seed"] = cell.eval.sampling_seed_for(cell.seed)
+    out.update(getattr(session, "process_seeds", None) or {})
+    return out
+
+
+def run_section(session: Session, cell: Cell, log_samples: bool) -> dict:
+    """How the cell ran (nothing here changes a number): batch size (and how ``auto`` found it), device,
+    backend, whether samples were logged, and the chat template text applied (lm-eval's ``chat_template``)."""
+    out = {"batch_size": session.batch_size, "device": str(session.device),
+           "log_samples": log_samples or cell.eval.predict_only, "backend": cell.eval.backend}
+    auto = getattr(session, "batch_size_auto", None)
+    if auto:
+        out["batch_size_auto"] = auto
+    if cell.eval.apply_chat_template:
+        from llmmem.chat import template_text
+
+        out["chat_template"] = template_text(session.lm.tokenizer, cell.eval.apply_chat_template)
+    return out
 
 
 def save_checkpoint(session: Session, cell: Cell, reports: list[dict], output, fmt: str = "fake") -> Path:

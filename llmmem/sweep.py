@@ -31,6 +31,7 @@ from llmmem.config import (
     check_output_path,
     load_config_doc,
     model_spec_from_args,
+    parse_batch_size,
     parse_int,
     parse_positive_int,
 )
@@ -45,7 +46,8 @@ EVAL_KEYS = ("tasks", "limit", "num_fewshot", "backend", "apply_chat_template", 
              "system_instruction", "gen_kwargs", "mia_reference", "predict_only", "track")
 EXECUTOR_KEYS = ("executor", "workers", "slurm")  # where cells run (llmmem/executors.py); not in any cell's identity
 SWEEP_KEYS = {"models", "model_args", "interventions", "seeds", "batch_size", "output_path", "include_path",
-              "description", "log_samples", "use_cache", *PRUNE_GRID_KEYS, *EVAL_KEYS, *EXECUTOR_KEYS}
+              "description", "log_samples", "use_cache", "max_batch_size", *PRUNE_GRID_KEYS, *EVAL_KEYS,
+              *EXECUTOR_KEYS}
 
 
 @dataclass
@@ -63,7 +65,8 @@ class SweepSpec:
     chains: list
     eval: EvalSpec
     seeds: list[int]
-    batch_size: int = 8
+    batch_size: int | str = 8  # or "auto" / "auto:N" (llmmem.autobatch)
+    max_batch_size: int | None = None
     output_path: str = "results/sweep"
     include_path: str | None = None
     description: str = ""
@@ -156,7 +159,9 @@ def parse_sweep(doc: dict) -> SweepSpec:
     executor = parse_executor(doc)
     use_cache = doc.get("use_cache")
     return SweepSpec(models=models, chains=chains, eval=ev, seeds=seeds,
-                     batch_size=parse_positive_int("batch_size", doc.get("batch_size", 8)),
+                     batch_size=parse_batch_size(doc.get("batch_size", 8)),
+                     max_batch_size=(parse_positive_int("max_batch_size", doc["max_batch_size"])
+                                     if doc.get("max_batch_size") is not None else None),
                      output_path=str(doc.get("output_path") or "results/sweep"),
                      include_path=doc.get("include_path"), description=str(doc.get("description") or ""),
                      log_samples=bool(doc.get("log_samples", False)), use_cache=str(use_cache) if use_cache else None,
@@ -217,6 +222,11 @@ def prepare(spec: SweepSpec) -> dict:
             for step in chain:
                 step.intervention.prepare(step.spec, env)
     check_backend(spec.eval.backend)
+    if spec.eval.apply_chat_template:
+        from llmmem.chat import check_model_template
+
+        for entry in spec.models:  # the tokenizer only: a model without the template fails before any loads
+            check_model_template(entry.spec, spec.eval.apply_chat_template)
     return tasks_by_model
 
 

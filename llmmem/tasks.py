@@ -257,21 +257,48 @@ class Task:
         self._pool_cache = (src, pool)
         return pool
 
-    def render_prompt(self, row: dict, shots: list[dict]) -> str:
-        """lm-eval's plain-text layout: description, then per shot text + target delimiter + target + fewshot
-        delimiter, then the doc's text (``fewshot_context`` / ``build_qa_turn``)."""
+    def messages(self, row: dict, shots: list[dict], system_instruction: str | None = None) -> list[Message]:
+        """lm-eval's turns for a doc (``lm_eval/api/task.py`` ``ConfigurableTask.fewshot_context`` and
+        ``build_qa_turn``): a system message holding the system instruction and the description (joined by the
+        few-shot delimiter, ``maybe_delimit``), per shot a user turn (its text, target delimiter after it) and
+        an assistant turn (its first target, few-shot delimiter after it), then the doc's user turn."""
         where = self._where()
-        parts = [render(self.doc_to_text, s, where) + self.target_delimiter + self.shot_target(s) for s in shots]
+        out = []
         description = render(self.prompt_description, row, where)  # lm-eval renders it as a template too
-        return description + self.fewshot_delimiter.join(parts + [render(self.doc_to_text, row, where)])
+        system = maybe_delimit(system_instruction, description, self.fewshot_delimiter)
+        if system:
+            out.append(Message("system", system))
+        for s in shots:
+            answer = self.shot_target(s)
+            has_answer = answer is not None and answer != ""
+            out.append(Message("user", render(self.doc_to_text, s, where), self.target_delimiter if has_answer else ""))
+            if has_answer:
+                out.append(Message("assistant", answer, self.fewshot_delimiter))
+        out.append(Message("user", render(self.doc_to_text, row, where)))
+        return out
 
-    def prompts(self, docs: list[dict], num_fewshot: int, seed: int) -> list[str]:
-        """Each doc's prompt with ``num_fewshot`` shots drawn as lm-eval draws them (seed ``fewshot_seed(seed)``).
+    def render_prompt(self, row: dict, shots: list[dict], fmt: PromptFormat | None = None) -> str:
+        """The doc's prompt. Plain text (lm-eval without a chat template): the turns' texts each followed by
+        its delimiter - system text, then per shot text + target delimiter + target + few-shot delimiter, then
+        the doc's text. With a chat template (``fmt.chat``): the turns as chat messages, the shots as
+        user/assistant turns (``fewshot_as_multiturn``) or folded into one user message (lm-eval's
+        ``multiturn_to_singleturn``), rendered with the template's generation prompt."""
+        fmt = fmt or PromptFormat()
+        msgs = self.messages(row, shots, fmt.system_instruction)
+        if fmt.chat is None:
+            return "".join(m.to_text() for m in msgs)
+        chat = [m.to_dict() for m in msgs] if fmt.fewshot_as_multiturn else multiturn_to_singleturn(msgs)
+        return fmt.chat(chat)
+
+    def prompts(self, docs: list[dict], num_fewshot: int, seed: int, fmt: PromptFormat | None = None) -> list[str]:
+        """Each doc's prompt with ``num_fewshot`` shots drawn as lm-eval draws them (seed ``fewshot_seed(seed)``,
+        or ``fmt.fewshot_seed``), laid out by ``fmt`` (plain text by default; see :meth:`render_prompt`).
 
         The sampler is replayed over all the docs in data order up to the last one asked for, so the
         prompt of a doc is the same whatever ``--limit`` cut the list."""
+        fmt = fmt or PromptFormat()
         if num_fewshot <= 0:
-            return [self.render_prompt(d, []) for d in docs]
+            return [self.render_prompt(d, [], fmt) for d in docs]
         full = getattr(self, "_all_docs", None) or []
 
         def known(d):
@@ -283,7 +310,8 @@ class Task:
         else:  # not rows of docs(): the given list is taken as the whole evaluation set
             full, positions = docs, list(range(len(docs)))
         pool = self.fewshot_pool(full)
-        sampler = FewshotSampler(pool, fewshot_seed(seed), self.fewshot_sampler, self.name)
+        rng_seed = fmt.fewshot_seed if fmt.fewshot_seed is not None else fewshot_seed(seed)
+        sampler = FewshotSampler(pool, rng_seed, self.fewshot_sampler, self.name)
         sampler.check(num_fewshot)
         wanted = set(positions)
         shots_at = {}
@@ -291,7 +319,14 @@ class Task:
             shots = sampler.sample(num_fewshot, full[j])
             if j in wanted:
                 shots_at[j] = shots
-        return [self.render_prompt(d, shots_at[j]) for d, j in zip(docs, positions)]
+        return [self.render_prompt(d, shots_at[j], fmt) for d, j in zip(docs, positions)]
+
+    def with_generation_kwargs(self, overrides: dict | None) -> Task:
+        """A copy whose ``generation_kwargs`` are updated by ``overrides`` (lm-eval's ``--gen_kwargs``:
+        ``set_config("generation_kwargs", gen_kwargs, update=True)``); the task itself when there are none."""
+        if not overrides:
+            return self
+        return replace(self, generation_kwargs={**self.generation_kwargs, **overrides})
 
     def prompt(self, row: dict, pool=None, num_fewshot: int = 0, seed: int = 0) -> str:
         """One doc's prompt (see :meth:`prompts`; ``pool`` is ignored: the pool comes from the task)."""
@@ -309,6 +344,57 @@ class Task:
 
 def _content(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith("_")}
+
+
+@dataclass
+class Message:
+    """One turn of a prompt, as lm-eval's ``lm_eval/api/utils.py`` ``Message``: ``delimiter`` follows the
+    content in plain text and is dropped in chat form."""
+
+    role: str
+    content: str
+    delimiter: str = ""
+
+    def to_dict(self) -> dict:
+        return {"role": self.role, "content": self.content}
+
+    def to_text(self) -> str:
+        return self.content + self.delimiter
+
+
+def maybe_delimit(prefix: str | None, suffix: str | None, delimiter: str = " ") -> str:
+    """lm-eval's ``maybe_delimit``: join with ``delimiter`` unless one side has whitespace at the join."""
+    if not prefix:
+        return suffix or ""
+    if not suffix:
+        return prefix or ""
+    return prefix + suffix if prefix[-1].isspace() or suffix[0].isspace() else prefix + delimiter + suffix
+
+
+def multiturn_to_singleturn(messages: list[Message]) -> list[dict]:
+    """lm-eval's ``multiturn_to_singleturn``: the system message kept, every other turn's text (with its
+    delimiter; none after the last) joined into one user message."""
+    system, rest = (messages[0], messages[1:]) if messages and messages[0].role == "system" else (None, messages)
+    rest = [Message(m.role, m.content, m.delimiter) for m in rest]
+    if rest[-1].role == "assistant":
+        user, last = rest[:-1], [rest[-1].to_dict()]
+    else:
+        user, last = rest, []
+    user[-1].delimiter = ""
+    out = [Message("user", "".join(m.to_text() for m in user)).to_dict()] + last
+    return ([system.to_dict()] if system else []) + out
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How prompts are laid out (lm-eval's ``fewshot_context`` arguments): ``chat`` renders a list of
+    ``{role, content}`` messages with a chat template and its generation prompt (``llmmem.chat.chat_renderer``),
+    None for plain text; ``fewshot_seed`` overrides the sampler's seed (else ``fewshot_seed(seed)``)."""
+
+    system_instruction: str | None = None
+    chat: object = None
+    fewshot_as_multiturn: bool = False
+    fewshot_seed: int | None = None
 
 
 class FewshotSampler:

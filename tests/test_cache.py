@@ -324,3 +324,58 @@ def test_cache_path_that_is_a_file(tmp_path):
     f.write_text("")
     with pytest.raises(ConfigError, match="give a directory"):
         CachingBackend(FakeBackend(), f, "fp+dense")
+
+
+# ----------------------------------------------------------------------------- sweeps
+def _sweep(tmp_path, llama_dir, name, sparsities, cache=None):
+    import json
+
+    import yaml
+
+    from conftest import run_cli
+
+    cfg = tmp_path / f"{name}.yaml"
+    doc = {"models": [str(llama_dir)], "methods": ["magnitude"], "sparsities": sparsities,
+           "tasks": ["capitals", "famous_passages"], "limit": 4, "output_path": str(tmp_path / name)}
+    if cache:
+        doc["use_cache"] = str(cache)
+    cfg.write_text(yaml.safe_dump(doc))
+    assert run_cli(["sweep", cfg, "--quiet"]) == 0
+    return {d["cell"]["label"]: d for d in (json.loads(p.read_text()) for p in (tmp_path / name).rglob("results.json"))}
+
+
+def test_sweep_with_and_without_cache_same_metrics_and_only_dense_answers_shared(tmp_path, llama_dir, monkeypatch):
+    """The same sweep with and without use_cache gives the same metrics; a re-run (cells deleted, cache kept)
+    never calls the model; a sweep with other sparsities reuses the dense cell's answers and nothing else."""
+    import shutil
+
+    from llmmem.backends.hf import HFBackend
+
+    calls = []
+    for fn in ("generate", "loglikelihood", "loglikelihood_rolling"):
+        real = getattr(HFBackend, fn)
+        monkeypatch.setattr(HFBackend, fn, lambda self, reqs, _r=real, _n=fn: calls.append((_n, len(reqs))) or _r(self, reqs))
+    cache = tmp_path / "cache"
+    plain = _sweep(tmp_path, llama_dir, "plain", [0.3, 0.6])
+    cached = _sweep(tmp_path, llama_dir, "cached", [0.3, 0.6], cache)
+    assert set(plain) == set(cached) == {"dense", "magnitude-unstructured-s0.3", "magnitude-unstructured-s0.6"}
+    for label in plain:
+        assert cached[label]["metrics"] == plain[label]["metrics"], label
+        assert cached[label]["cell"]["name"] == plain[label]["cell"]["name"]  # the cache is not part of a cell
+        st = cached[label]["timings"]["request_cache"]
+        assert st["hits"] == 0 and st["misses"] > 0, label
+    for label in cached:  # an unchanged re-run: cells deleted so they recompute, the cache kept
+        shutil.rmtree(tmp_path / "cached" / cached[label]["cell"]["name"])
+    calls.clear()
+    rerun = _sweep(tmp_path, llama_dir, "cached", [0.3, 0.6], cache)
+    assert calls == []
+    for label in rerun:
+        assert rerun[label]["metrics"] == plain[label]["metrics"]
+        assert rerun[label]["timings"]["request_cache"] == {"hits": cached[label]["timings"]["request_cache"]["misses"],
+                                                            "misses": 0, "uncacheable": 0}
+    other = _sweep(tmp_path, llama_dir, "other", [0.5], cache)  # a second sweep sharing only the dense cell
+    assert other["dense"]["timings"]["request_cache"]["misses"] == 0 < other["dense"]["timings"]["request_cache"]["hits"]
+    assert other["dense"]["metrics"] == plain["dense"]["metrics"]
+    pruned = other["magnitude-unstructured-s0.5"]
+    assert pruned["timings"]["request_cache"]["hits"] == 0 and pruned["timings"]["request_cache"]["misses"] > 0
+    assert pruned["metrics"] != plain["dense"]["metrics"]

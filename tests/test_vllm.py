@@ -87,8 +87,10 @@ def test_sweep_same_metrics_on_both_backends(tiny_testbed, tmp_path, capsys):
                                        "tasks": ["testbed_recall", "testbed_override"], "limit": 60,
                                        "output_path": str(tmp_path / backend)}))
         assert run_cli(["sweep", cfg, "--quiet"]) == 0, capsys.readouterr().err
-        runs[backend] = {json.loads(p.read_text())["sweep"]["label"]: json.loads(p.read_text())["metrics"]
-                         for p in (tmp_path / backend).rglob("results.json")}
+        docs = [json.loads(p.read_text()) for p in (tmp_path / backend).rglob("results.json")]
+        # schema 2: the cell's chain label is under "cell" (its canonical config under "cell_config")
+        runs[backend] = {d["cell"]["label"]: d["metrics"] for d in docs}
+        assert all(d["cell_config"]["eval"]["backend"] == backend for d in docs)
     assert set(runs["hf"]) == set(runs["vllm"]) == {"dense", "wanda-unstructured-s0.3", "wanda-unstructured-s0.6"}
     for label in runs["hf"]:
         for task in ("testbed_recall", "testbed_override"):
@@ -108,3 +110,36 @@ def test_bad_input_head_size_and_max_model_len(tmp_path, tiny_testbed, llama_dir
                   "--model_args", "max_model_len=12", "--output_path", tmp_path])
     err = capsys.readouterr().err
     assert rc == 2 and "max_model_len 12" in err
+
+
+@vllm_only
+def test_lm_eval_flags_same_prompts_and_answers_on_both_backends(tiny_testbed, tmp_path, capsys):
+    """--apply_chat_template / --system_instruction / --gen_kwargs / --batch_size auto change prompts and requests,
+    not the engine: vLLM (picked as lm-eval does, --model vllm) gets llmmem's chat prompts and answers as HF."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "tb-chat"
+    shutil.copytree(tiny_testbed, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }} . {% else %}"
+                         "{{ m['content'] }} {% endif %}{% endfor %}{% if add_generation_prompt %}{% endif %}")
+    tok.save_pretrained(model)
+    rows = {}
+    for kind in ("hf", "vllm"):
+        out = tmp_path / kind
+        rc = run_cli(["eval", "--model", kind, "--model_args", f"pretrained={model},dtype=float32", "--tasks",
+                      "testbed_recall,testbed_override", "--include_path", model / "tasks", "--limit", "20",
+                      "--apply_chat_template", "--fewshot_as_multiturn", "false", "--system_instruction",
+                      "answer the question", "--gen_kwargs", "max_gen_toks=3", "--batch_size", "auto",
+                      "--log_samples", "--output_path", out, "--quiet"])
+        assert rc == 0, capsys.readouterr().err
+        doc = json.loads(next(out.rglob("results.json")).read_text())
+        assert doc["cell_config"]["eval"]["backend"] == kind and isinstance(doc["run"]["batch_size"], int)
+        rows[kind] = {t: [json.loads(x) for x in next(out.rglob(f"samples_{t}.jsonl")).read_text().splitlines()]
+                      for t in ("testbed_recall", "testbed_override")}
+    for t in rows["hf"]:
+        assert [r["prompt"] for r in rows["hf"][t]] == [r["prompt"] for r in rows["vllm"][t]]
+        assert all(r["prompt"].startswith("answer the question . ") for r in rows["hf"][t])
+        assert [r["response"] for r in rows["hf"][t]] == [r["response"] for r in rows["vllm"][t]]

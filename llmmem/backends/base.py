@@ -224,6 +224,12 @@ class TokenizedBackend(Backend):
         self.prefix_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; special tokens (BOS) are not added to a text that already starts with the BOS
+        token's text, as lm-eval's HFLM (``tok_encode`` / ``tok_batch_encode``: ``has_bos_prefix``), so a chat
+        template that writes BOS does not get a second one."""
+        bos = getattr(self.tok, "bos_token", None)
+        if add_special_tokens and isinstance(bos, str) and bos and text.startswith(bos):
+            add_special_tokens = False
         return self.tok(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:

@@ -40,6 +40,8 @@ class Responses:
 class Suite:
     name = "base"
     default_metrics: tuple = ()
+    prompt_format = None  # llmmem.tasks.PromptFormat for suites that build prompts (set by run_task)
+    sampling_seed = 0  # seed of sampled generations (set by run_task)
 
     def build(self, task: Task, docs: list[dict], backend, num_fewshot: int, seed: int) -> Requests:
         raise NotImplementedError
@@ -56,6 +58,12 @@ class Suite:
 
     def metrics(self, task: Task) -> list[str]:
         return list(task.metric_list or self.default_metrics)
+
+    def predict(self, task: Task, docs: list[dict], req: Requests, resp: Responses, backend) -> list[dict]:
+        """``--predict_only`` rows: the model's outputs per doc, no per-sample metric (default: the scored rows
+        without their metric columns; suites whose outputs need no scoring override it)."""
+        names = set(self.metrics(task))
+        return [{k: v for k, v in row.items() if k not in names} for row in self.score(task, docs, req, resp, backend)]
 
 
 SUITES: Registry[type[Suite]] = Registry("suite")
@@ -102,13 +110,20 @@ def count_truncated(backend, req: Requests, resp: Responses) -> int:
 
 
 def run_task(task: Task, backend, *, limit: int | None = None, num_fewshot: int | None = None, seed: int = 0,
-             data=None, fewshot_data=None, ref_backend=None) -> TaskResult:
-    """Run one task. ``data`` / ``fewshot_data`` read other files than the YAML names (fixtures)."""
+             data=None, fewshot_data=None, ref_backend=None, prompt_format=None, predict_only: bool = False,
+             sampling_seed: int | None = None) -> TaskResult:
+    """Run one task. ``data`` / ``fewshot_data`` read other files than the YAML names (fixtures).
+
+    ``prompt_format`` (``llmmem.tasks.PromptFormat``): chat template, system instruction, few-shot seed of the
+    suites that build prompts; ``sampling_seed``: the seed of sampled generations (default ``seed``);
+    ``predict_only``: rows hold the model's outputs, and no metric is computed (lm-eval's ``--predict_only``)."""
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit {limit} must be >= 1")
     t0 = time.time()
     suite = SUITES.get(task.suite)()
     suite.ref_backend = ref_backend
+    suite.prompt_format = prompt_format
+    suite.sampling_seed = seed if sampling_seed is None else sampling_seed
     if data is not None or fewshot_data is not None:
         task = task.with_data(data, fewshot_data)
     docs = task.docs(limit=limit)
@@ -127,12 +142,16 @@ def run_task(task: Task, backend, *, limit: int | None = None, num_fewshot: int 
         log.warning("%s: %d of %d requests longer than the model's %s tokens (prompts left-truncated, "
                     "log-likelihoods scored in windows)", task.name, n_truncated, n_req,
                     getattr(backend, "max_length", "?"))
-    rows = suite.score(task, docs, req, resp, backend)
-    names = suite.metrics(task)
-    metrics = aggregate(rows, names, task.bucket_by, seed=seed + 1234)
-    metrics.update(suite.summarize(task, rows, seed))
-    primary = names[0] if names else next((m for m in metrics if m.endswith("_auc")), None)
-    chance = {m: c for m in names if (c := task.chance.get(m, task.chance.get("*"))) is not None}
+    if predict_only:  # outputs only: no per-sample metric, no aggregate, no primary metric
+        rows = suite.predict(task, docs, req, resp, backend)
+        metrics, primary, chance = {}, None, {}
+    else:
+        rows = suite.score(task, docs, req, resp, backend)
+        names = suite.metrics(task)
+        metrics = aggregate(rows, names, task.bucket_by, seed=seed + 1234)
+        metrics.update(suite.summarize(task, rows, seed))
+        primary = names[0] if names else next((m for m in metrics if m.endswith("_auc")), None)
+        chance = {m: c for m in names if (c := task.chance.get(m, task.chance.get("*"))) is not None}
     return TaskResult(task.name, metrics, rows, len(rows), task.version, task.content_hash(),
                       round(time.time() - t0, 3), k, task.suite, primary, chance,
                       suite.conventions(task, seed), n_truncated)

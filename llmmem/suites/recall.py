@@ -74,25 +74,60 @@ def score_response(task, doc, response: str) -> dict:
     return out
 
 
+def generate_request(task, prompt: str, sampling_seed: int) -> GenerateRequest:
+    """The generate request of a prompt under the task's ``generation_kwargs`` (``--gen_kwargs`` merged in):
+    greedy unless ``do_sample``; a sampled request carries ``sampling_seed``."""
+    gen = task.generation_kwargs
+    do_sample = bool(gen.get("do_sample", False))
+    until = gen.get("until", ["\n"])
+    req = GenerateRequest(context=prompt, max_gen_toks=int(gen.get("max_gen_toks", 16)),
+                          until=[str(u) for u in (until if isinstance(until, list) else [until])])
+    if do_sample:
+        req.do_sample = True
+        req.temperature = float(gen.get("temperature", 1.0))
+        req.top_p = float(gen.get("top_p", 1.0))
+        req.seed = int(sampling_seed)
+    return req
+
+
 class RecallSuite(Suite):
     name = "recall"
     default_metrics = ("exact_match", "f1")
 
     def build(self, task, docs, backend, num_fewshot, seed) -> Requests:
-        gen = task.generation_kwargs
         req = Requests()
-        for prompt in task.prompts(docs, num_fewshot, seed):
-            req.generate.append(GenerateRequest(context=prompt, max_gen_toks=int(gen.get("max_gen_toks", 16)),
-                                                until=list(gen.get("until", ["\n"]))))
+        for prompt in task.prompts(docs, num_fewshot, seed, self.prompt_format):
+            req.generate.append(generate_request(task, prompt, self.sampling_seed))
             req.meta.append(prompt)
         return req
+
+    def predict(self, task, docs, req, resp, backend) -> list[dict]:
+        """``--predict_only``: prompt, response and the filtered prediction (lm-eval's ``filtered_resps``)."""
+        rows = []
+        for d, p, r in zip(docs, req.meta, resp.generate):
+            answers = task.answers(d)
+            row = {"id": task.doc_id(d), "prompt": p, "target": answers[0] if answers else "", "aliases": answers[1:],
+                   "response": r.text, "prediction": apply_filters(task, r.text),
+                   "truncated": bool(getattr(r, "truncated", False))}
+            if task.bucket_by:
+                row[task.bucket_by] = task.bucket_value(d)
+            rows.append(row)
+        return rows
 
     def conventions(self, task, seed) -> dict:
         from llmmem.tasks import fewshot_seed
 
         out = super().conventions(task, seed)
+        fmt = self.prompt_format
+        fs = fmt.fewshot_seed if fmt is not None and fmt.fewshot_seed is not None else fewshot_seed(seed)
         out["fewshot"] = (f"lm-eval {task.fewshot_sampler} sampler (lm_eval/api/samplers.py), seed "
-                          f"{fewshot_seed(seed)}, pool: {task.fewshot_data or 'same'} (whole data, not the --limit slice)")
+                          f"{fs}, pool: {task.fewshot_data or 'same'} (whole data, not the --limit slice)")
+        if fmt is not None and fmt.chat is not None:
+            out["prompt_format"] = ("lm-eval chat prompt (lm_eval/api/task.py fewshot_context): shots as "
+                                    + ("user/assistant turns" if fmt.fewshot_as_multiturn else "one user message")
+                                    + ", the model's chat template with its generation prompt, no second BOS")
+        elif fmt is not None and fmt.system_instruction:
+            out["prompt_format"] = "lm-eval plain text with the system instruction first"
         out["scoring"] = ("lm-eval: filter_list + exact_match options" if task.filter_list or task.metric_options
                           else "llmmem: first line, SQuAD-normalised exact match / token F1")
         return out
