@@ -30,10 +30,11 @@ import torch
 from torch import nn
 
 from llmmem.cli import default_threads
-from llmmem.config import ModelSpec, PruneSpec
+from llmmem.config import ModelSpec
 from llmmem.models import base_model, find_block_list, load_model
 from llmmem.pruning import prune
 from llmmem.pruning.calibration import Calibration
+from llmmem.pruning.spec import PruneSpec
 
 
 # ----------------------------------------------------------------------------- the reference, re-implemented

@@ -32,7 +32,7 @@ def measure(model_dir: Path, eval_dir: Path) -> dict:
     if not any(eval_dir.rglob("results.json")):
         _cli("eval", "--model", str(model_dir), "--tasks", ",".join(TASKS), "--output_path", str(eval_dir),
              "--batch_size", "64", "--quiet")
-    return summarize(json.loads(next(eval_dir.rglob("results.json")).read_text())["results"])
+    return summarize(json.loads(next(eval_dir.rglob("results.json")).read_text())["metrics"])
 
 
 def main() -> None:

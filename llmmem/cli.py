@@ -1,7 +1,9 @@
 """The ``llmmem`` command line: argparse subcommands.
 
-Bad input is one line on stderr and exit code 2, with nothing half-written. Heavy imports
-(torch, transformers) happen inside the handlers, after the flags were checked.
+Every command that runs a model builds cells (``llmmem.cells.Cell``: a model, a chain of interventions, an
+evaluation, a seed) and runs them with ``llmmem.runner.run_cell``. Bad input is one line on stderr and exit
+code 2, before any model loads and with nothing written; heavy imports (torch, transformers) happen inside
+the handlers, after the flags were checked. Flags follow lm-evaluation-harness where the concepts overlap.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import logging
 import os
 import sys
 import textwrap
+import traceback
 from collections.abc import Callable
 
 from llmmem import __version__
-from llmmem.config import ConfigError, RunSettings, model_spec_from_args
+from llmmem.config import ConfigError, RunSettings, default_threads, model_spec_from_args
+from llmmem.errors import ISSUES_URL, CellsFailed
 
 log = logging.getLogger("llmmem")
 
@@ -31,36 +35,49 @@ def _examples(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
-def default_threads() -> int:
-    """Half the visible cores (1 on a 2-core machine), or $LLMMEM_THREADS."""
-    env = os.environ.get("LLMMEM_THREADS")
-    if env:
-        return int(env)
-    return max(1, (os.cpu_count() or 2) // 2)
-
-
-def add_model_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
+def add_model_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=required, metavar="NAME_OR_PATH",
-                   help="local HF checkpoint dir, .gguf file, preset (llmmem ls models) or hub id")
+                   help="local HF checkpoint dir, .gguf file, preset (llmmem ls models) or hub id "
+                        "(or --model_args pretrained=NAME_OR_PATH, as lm-eval)")
     g.add_argument("--model_args", default="", metavar="K=V,...",
-                   help="dtype=float32|bfloat16|float16|auto, device=cpu|cuda|cuda:N|auto, revision=, "
+                   help="pretrained=, dtype=float32|bfloat16|float16|auto, device=cpu|cuda|cuda:N|auto, revision=, "
                         "trust_remote_code=, gguf_file=, offload=, max_length=")
+    g.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (same as model_args device=)")
+    g.add_argument("--trust_remote_code", action="store_true", default=None,
+                   help="allow a hub model's own code (same as model_args trust_remote_code=true)")
+
+
+def model_spec_of(args):
+    """--model / --model_args / --device / --trust_remote_code -> a ModelSpec (flags may not contradict)."""
+    from llmmem.config import parse_kv_list
+
+    kv = parse_kv_list(args.model_args)
+    for flag, key in (("device", "device"), ("trust_remote_code", "trust_remote_code")):
+        v = getattr(args, flag, None)
+        if v is not None:
+            if key in kv and str(kv[key]).lower() != str(v).lower():
+                raise ConfigError(f"--{flag} {v} and --model_args {key}={kv[key]} disagree; give one of them")
+            kv[key] = v
+    return model_spec_from_args(args.model, kv)
 
 
 def add_run_flags(p: argparse.ArgumentParser, batch: bool = True) -> None:
     g = p.add_argument_group("run")
     if batch:
-        g.add_argument("--batch_size", type=int, default=8, help="requests per forward pass (default 8)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    g.add_argument("--threads", type=int, default=None,
+        g.add_argument("--batch_size", default="8", help="requests per forward pass: N, auto or auto:N (default 8)")
+    g.add_argument("--seed", default="0", help="random seed (default 0)")
+    g.add_argument("--threads", default=None,
                    help="CPU threads for torch (default: $LLMMEM_THREADS or half the cores)")
     g.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
 
 
-def settings_from(args) -> RunSettings:
-    return RunSettings(batch_size=getattr(args, "batch_size", 8), seed=args.seed, quiet=args.quiet,
-                       threads=args.threads)
+def settings_from(args, batch_size=None, seed=None) -> RunSettings:
+    from llmmem.config import parse_batch_size
+
+    bs = batch_size if batch_size is not None else getattr(args, "batch_size", 8)
+    return RunSettings(batch_size=parse_batch_size(bs), seed=seed if seed is not None else getattr(args, "seed", 0),
+                       quiet=getattr(args, "quiet", False), threads=getattr(args, "threads", None))
 
 
 def setup_torch(settings: RunSettings) -> None:
@@ -79,21 +96,26 @@ def setup_torch(settings: RunSettings) -> None:
 
 # ----------------------------------------------------------------------------- generate
 def cmd_generate(args) -> int:
+    from llmmem.config import parse_float
+
     settings = settings_from(args)
-    spec = model_spec_from_args(args.model, args.model_args)
+    spec = model_spec_of(args)
     if args.max_gen_toks < 1:
         raise ConfigError(f"--max_gen_toks {args.max_gen_toks} must be >= 1")
-    if args.temperature <= 0:
-        raise ConfigError(f"--temperature {args.temperature} must be > 0")
+    temperature = parse_float("--temperature", args.temperature, low=0.0, low_open=True)
+    top_p = parse_float("--top_p", args.top_p, low=0.0, high=1.0, low_open=True)
+    if any(not p for p in args.prompt):
+        raise ConfigError("--prompt is empty; give the text to continue")
     setup_torch(settings)
     from llmmem.backends import make_backend
     from llmmem.backends.base import GenerateRequest
     from llmmem.models import load_model
 
     lm = load_model(spec)
-    backend = make_backend("hf", lm, batch_size=settings.batch_size, quiet=settings.quiet)
+    backend = make_backend("hf", lm, batch_size=settings.batch_size if isinstance(settings.batch_size, int) else 8,
+                           quiet=settings.quiet)
     reqs = [GenerateRequest(context=p, max_gen_toks=args.max_gen_toks, until=args.until or [],
-                            do_sample=args.do_sample, temperature=args.temperature, seed=settings.seed)
+                            do_sample=args.do_sample, temperature=temperature, top_p=top_p, seed=settings.seed)
             for p in args.prompt]
     for prompt, res in zip(args.prompt, backend.generate(reqs)):
         if len(args.prompt) > 1:
@@ -102,98 +124,147 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- cells from the command line
+def _single_cell_run(args, cell, *, settings, include_path=None, run_dir=None, save_to=None, need_tokenizer=True,
+                     save_format="fake", prepare_steps=True):
+    """Validate the chain (before any model loads), load the model once, run the cell."""
+    from llmmem.interventions import PrepareEnv
+    from llmmem.models import resolve
+
+    if prepare_steps:
+        env = PrepareEnv(include_path=include_path, model=cell.model.name)
+        for step in cell.chain:
+            step.intervention.prepare(step.spec, env)
+    setup_torch(settings)
+    from llmmem.runner import Session, run_cell
+
+    resolve(cell.model)
+    session = Session(cell.model, batch_size=_batch(settings, cell), quiet=settings.quiet, include_path=include_path,
+                      need_tokenizer=need_tokenizer, keep_dense=False)
+    try:
+        return run_cell(session, cell, run_dir=run_dir, save_to=save_to, overwrite=getattr(args, "overwrite", False),
+                        log_samples=getattr(args, "log_samples", False), save_format=save_format,
+                        cache_dir=getattr(args, "use_cache", None))
+    finally:
+        session.close()
+
+
+def _batch(settings, cell) -> int | str:
+    return settings.batch_size
+
+
+def _prune_step(args):
+    from llmmem.interventions import Step
+    from llmmem.pruning.spec import PruneSpec
+
+    spec = PruneSpec(method=args.method, sparsity=args.sparsity, structure=args.structure, profile=args.profile,
+                     scope=args.scope, calibration=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen)
+    return Step("prune", spec)
+
+
+def _checkpoint_cell(args, steps):
+    from llmmem.cells import Cell, EvalSpec
+    from llmmem.config import check_output_path, parse_int
+
+    mspec = model_spec_of(args)
+    check_output_path("--output", args.output, must_be_empty=True, overwrite=args.overwrite)
+    return Cell(mspec, tuple(steps), EvalSpec(), parse_int("--seed", args.seed, minimum=0))
+
+
 # ----------------------------------------------------------------------------- prune
-def _check_output_dir(path: str, overwrite: bool) -> None:
-    from pathlib import Path
-
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"--output {path} exists and is not a directory")
-    if p.is_dir() and any(p.iterdir()) and not overwrite:
-        raise ConfigError(f"--output {path} is not empty; pass --overwrite to replace it")
-
-
 def cmd_prune(args) -> int:
-    from llmmem.config import PruneSpec
+    settings = settings_from(args)
+    cell = _checkpoint_cell(args, [_prune_step(args)])
+    payload = _single_cell_run(args, cell, settings=settings, save_to=args.output, need_tokenizer=False)
+    rep = payload["pruning"]
+    print(f"{rep['method']} {rep['structure']} {rep['profile']}: target {rep['target_sparsity']:.4f}, measured "
+          f"{rep['measured_sparsity']:.4f} in {rep['seconds']:.1f}s -> {args.output}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- quantize
+def _quantize_step(args):
+    from llmmem.interventions import Step
+    from llmmem.quantization.spec import QuantizeSpec
+
+    spec = QuantizeSpec(method=args.method, bits=args.bits, group_size=args.group_size,
+                        symmetric=not args.asymmetric, act_order=args.act_order, dampening_frac=args.dampening_frac,
+                        calibration=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen,
+                        keep_sparsity=not args.no_keep_sparsity)
+    return Step("quantize", spec)
+
+
+def cmd_quantize(args) -> int:
+    from llmmem.config import parse_choice
 
     settings = settings_from(args)
-    spec = PruneSpec(method=args.method, sparsity=args.sparsity, structure=args.structure, profile=args.profile,
-                     scope=args.scope, calibration=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen,
-                     seed=args.seed)
-    mspec = model_spec_from_args(args.model, args.model_args)
-    _check_output_dir(args.output, args.overwrite)
-    from llmmem.pruning.calibration import check_source
-
-    if spec.needs_calibration:
-        check_source(spec.calibration)
-    setup_torch(settings)
-    from llmmem.models import load_model, resolve_device
-    from llmmem.pruning import prune
-    from llmmem.pruning.calibration import load_calibration
-    from llmmem.pruning.io import save_pruned
-
-    lm = load_model(mspec, need_tokenizer=False)
-    calib = None
-    if spec.needs_calibration:
-        calib = load_calibration(spec.calibration, lm.model, lm.tokenizer, spec.nsamples, spec.seqlen, spec.seed,
-                                 batch_size=settings.batch_size, quiet=settings.quiet)
-    device = resolve_device(mspec.device)
-    report = prune(lm.model, spec, calib, device=device, batch_size=settings.batch_size, offload=mspec.offload,
-                   quiet=settings.quiet)
-    out = save_pruned(lm, spec, report, args.output)
-    print(f"{spec.method} {spec.structure} {spec.profile}: target {spec.sparsity:.4f}, measured "
-          f"{report.measured_sparsity:.4f} in {report.seconds:.1f}s -> {out}")
+    fmt = parse_choice("--format", args.format, ("fake", "compressed-tensors"))
+    if fmt == "compressed-tensors":
+        try:
+            import compressed_tensors  # noqa: F401
+        except ImportError:
+            raise ConfigError("--format compressed-tensors needs the compressed-tensors package: "
+                              "pip install 'llmmem[quantize]'") from None
+    cell = _checkpoint_cell(args, [_quantize_step(args)])
+    payload = _single_cell_run(args, cell, settings=settings, save_to=args.output, save_format=fmt)
+    rep = payload["quantization"]
+    print(f"{rep['label']}: {rep['effective_bits']:.3f} bits per weight, relative error {rep['relative_error']:.4f}, "
+          f"at most {rep['max_distinct_per_group']} values per group in {rep['seconds']:.1f}s -> {args.output} ({fmt})")
     return 0
 
 
 # ----------------------------------------------------------------------------- eval
+def eval_spec_of(args, tasks):
+    from llmmem.cells import EvalSpec
+
+    return EvalSpec(tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot, backend=args.backend,
+                    apply_chat_template=args.apply_chat_template if args.apply_chat_template is not None else False,
+                    fewshot_as_multiturn=args.fewshot_as_multiturn, system_instruction=args.system_instruction,
+                    gen_kwargs=args.gen_kwargs, mia_reference=args.mia_reference, predict_only=args.predict_only)
+
+
 def cmd_eval(args) -> int:
-    from llmmem.results import cell_name
-    from llmmem.tasks import parse_task_list
+    from pathlib import Path
+
+    from llmmem.cells import Cell
+    from llmmem.config import check_output_path, parse_int
+    from llmmem.evaluation import check_tasks, resolve_tasks
+    from llmmem.results import CellDir
+    from llmmem.tasks import parse_task_list, with_model_tasks
 
     settings = settings_from(args)
-    spec = model_spec_from_args(args.model, args.model_args)
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit {args.limit} must be >= 1")
-    if args.num_fewshot is not None and args.num_fewshot < 0:
-        raise ConfigError(f"--num_fewshot {args.num_fewshot} must be >= 0")
-    from llmmem.evaluation import evaluate, resolve_tasks, write_cell
-    from llmmem.tasks import with_model_tasks
-
-    tasks = resolve_tasks(parse_task_list(args.tasks), with_model_tasks(args.include_path, [args.model]))
-    for t in tasks:  # data problems (missing fields, empty after filtering, shot pool) before the model loads
-        t.docs(limit=args.limit)
-    ref_spec = model_spec_from_args(args.mia_reference, args.model_args) if args.mia_reference else None
+    spec = model_spec_of(args)
+    names = parse_task_list(args.tasks)
+    ev = eval_spec_of(args, names)
     from llmmem.backends import check_backend
 
-    check_backend(args.backend)
-    setup_torch(settings)
-    from llmmem.backends import make_backend
-    from llmmem.models import load_model
-    from llmmem.report import buckets_table, metrics_table
-    from llmmem.results import Cell
+    check_backend(ev.backend)
+    if ev.mia_reference:
+        model_spec_from_args(ev.mia_reference, None)
+    if not Path(spec.name).expanduser().exists():
+        from llmmem.models import resolve
 
-    lm = load_model(spec)
-    config = {"model": spec.__dict__, "tasks": [t.name for t in tasks], "limit": args.limit,
-              "num_fewshot": args.num_fewshot, "seed": settings.seed, "backend": args.backend,
-              "batch_size": settings.batch_size,
-              "dense_fingerprint": lm.fingerprint}
-    cell = Cell(args.output_path, cell_name(lm.name, config)).prepare(overwrite=args.overwrite)
-    backend = make_backend(args.backend, lm, batch_size=settings.batch_size, quiet=settings.quiet)
-    ref_backend = None
-    if ref_spec is not None:
-        ref_backend = make_backend("hf", load_model(ref_spec), batch_size=settings.batch_size, quiet=settings.quiet)
-    results = evaluate(backend, tasks, limit=args.limit, num_fewshot=args.num_fewshot, seed=settings.seed,
-                       ref_backend=ref_backend)
-    write_cell(cell, results, config=config, model={"name": lm.name, "source": lm.source.path,
-                                                     "fingerprint": lm.fingerprint},
-               seeds={"seed": settings.seed}, log_samples=args.log_samples)
+        resolve(spec)  # unknown preset / offline hub id; a local preset (the testbed) is built first
+    include = with_model_tasks(args.include_path, [spec.name])
+    tasks = resolve_tasks(names, include)
+    check_tasks(tasks, ev.limit_for)
+    check_output_path("--output_path", args.output_path)
+    cell = Cell(spec, (), ev, parse_int("--seed", args.seed, minimum=0))
+    cd = CellDir(args.output_path, cell.name())
+    if cd.done and not args.overwrite:
+        raise ConfigError(f"cell {cd.path} is already finished; pass --overwrite to redo it")
+    payload = _single_cell_run(args, cell, settings=settings, include_path=include, run_dir=args.output_path)
+    from llmmem.report import buckets_table, metrics_table
+
+    results = payload["_results"]
     table = {r.task: r.metrics for r in results}
     print(metrics_table(table, {r.task: r.n_samples for r in results}))
     bt = buckets_table(table)
     if bt and not settings.quiet:
         print(bt)
-    print(f"\nwrote {cell.path}")
+    for w in payload.get("warnings") or []:
+        print(f"warning: {w}")
+    print(f"\nwrote {payload['_path']}")
     return 0
 
 
@@ -231,39 +302,103 @@ def cmd_validate(args) -> int:
 def cmd_sweep(args) -> int:
     from pathlib import Path
 
-    from llmmem.config import load_sweep_spec
-    from llmmem.sweep import run_sweep
+    from llmmem.sweep import load_sweep_spec, run_sweep
 
-    spec = load_sweep_spec(args.config, args.overrides, output_path=args.output_path)
+    if args.status is not None:
+        return _sweep_status(args)
+    if args.config is None:
+        raise ConfigError("sweep: give a config file (see configs/), or --status RUN_DIR")
+    cli = {"output_path": args.output_path, "use_cache": args.use_cache, "executor": args.executor,
+           "workers": args.workers}
+    spec = load_sweep_spec(args.config, args.overrides, **cli)
+    if args.wait:
+        spec.executor.slurm["wait"] = True
     settings = RunSettings(batch_size=spec.batch_size, seed=spec.seeds[0], quiet=args.quiet, threads=args.threads)
-    if not args.dry_run:
-        setup_torch(settings)
+    if args.plot:
+        from llmmem.plots import require_matplotlib
+
+        require_matplotlib()
+    if not args.dry_run and not spec.executor.workers and spec.executor.kind == "local":
+        setup_torch(settings)  # the cells run in this process
     run_dir = Path(spec.output_path)
-    run_sweep(spec, run_dir, overwrite=args.overwrite, quiet=args.quiet, dry_run=args.dry_run)
-    if not args.dry_run:
+    cells = run_sweep(spec, run_dir, overwrite=args.overwrite, quiet=args.quiet, dry_run=args.dry_run,
+                      threads=settings.threads if args.threads is not None else None)
+    if args.dry_run:
+        return 0
+    return _sweep_finish(args, run_dir, cells)
+
+
+def _sweep_finish(args, run_dir, cells) -> int:
+    """After a sweep: the report (and plots) of what is done, and what is not: failed cells (exit 1), cells
+    left to other workers or submitted to Slurm (exit 0)."""
+    failed = [c for c in cells if c.failed]
+    left = [c for c in cells if c.left and not c.done]
+    if any(c.done for c in cells):
         from llmmem.report import build_report
         from llmmem.results import atomic_write_text
 
         text = build_report(run_dir)
         atomic_write_text(run_dir / "report.md", text + "\n")
-        print(f"\nwrote {run_dir / 'report.md'}")
+        print(f"\nwrote {run_dir / 'report.md'}" + (" (finished cells only)" if failed or left else ""))
         if args.plot:
             from llmmem.plots import plot_run
 
             for p in plot_run(run_dir):
                 print(f"wrote {p}")
+    if left:
+        print(f"{len(left)} cell(s) are being computed by other workers or queued in Slurm; "
+              f"follow them with: llmmem sweep --status {run_dir}")
+    if failed:
+        print(f"{len(failed)} cell(s) failed:")
+        for c in failed:
+            print(f"  {c.cell.name()}: {c.failed.splitlines()[0][:300]}")
+        print(f"tracebacks in {run_dir / '.failed'}; rerun the same command to retry them")
+        return 1
     return 0
 
 
-def cmd_report(args) -> int:
+def _sweep_status(args) -> int:
+    """``llmmem sweep --status RUN_DIR`` (the plan recorded in its sweep.json) or ``llmmem sweep CONFIG
+    --status`` (the config's plan, in its output_path)."""
     from pathlib import Path
 
+    from llmmem.executors import format_status, plan_record, status_of_run_dir
+
+    config = args.config
+    status = args.status if isinstance(args.status, str) else None
+    if status and status.endswith((".yaml", ".yml")) and config is None:
+        config, status = status, None  # `llmmem sweep --status CONFIG.yaml`
+    if config is None:
+        if not status:
+            raise ConfigError("sweep --status: give the run directory (--status RUN_DIR) or a config")
+        print(status_of_run_dir(Path(status)))
+        return 0
+    from llmmem.sweep import load_sweep_spec, plan, prepare
+
+    cli = {"output_path": status or args.output_path}
+    spec = load_sweep_spec(config, args.overrides, **cli)
+    run_dir = Path(spec.output_path)
+    prepare(spec)
+    print(format_status(run_dir, plan_record(plan(spec, run_dir))))
+    return 0
+
+
+def _run_dir_arg(path):
+    from pathlib import Path
+
+    run_dir = Path(path)
+    if not run_dir.exists():
+        raise ConfigError(f"run directory {run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} is not a directory")
+    return run_dir
+
+
+def cmd_report(args) -> int:
     from llmmem.report import build_report
     from llmmem.results import atomic_write_text
 
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} does not exist")
+    run_dir = _run_dir_arg(args.run_dir)
     text = build_report(run_dir)
     print(text)
     atomic_write_text(run_dir / "report.md", text + "\n")
@@ -271,38 +406,131 @@ def cmd_report(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from pathlib import Path
+    from llmmem.config import check_output_path
+    from llmmem.plots import plot_run, require_matplotlib
 
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} does not exist")
-    from llmmem.plots import plot_run
-
+    run_dir = _run_dir_arg(args.run_dir)
+    if args.out:
+        check_output_path("--out", args.out)
+    require_matplotlib()
     for p in plot_run(run_dir, args.out):
         print(f"wrote {p}")
     return 0
 
 
 # ----------------------------------------------------------------------------- unlearn
+UNLEARN_CLI = ("forget", "retain", "nonmember", "method", "steps", "lr", "batch_size", "eval_every", "reference_model",
+               "output_path", "seed")
+
+
 def cmd_unlearn(args) -> int:
-    from llmmem.config import load_unlearn_spec
+    from llmmem.cells import Cell, EvalSpec
+    from llmmem.config import check_output_path
+    from llmmem.interventions import Step
+    from llmmem.tasks import with_model_tasks
+    from llmmem.unlearning.spec import load_unlearn_config
 
-    cli = {"model": args.model, "forget": args.forget, "retain": args.retain, "method": args.method,
-           "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "eval_every": args.eval_every,
-           "output_path": args.output_path, "nonmember": args.nonmember, "seed": args.seed,
-           "reference_model": args.reference_model, "model_args": args.model_args or None,
-           "method_args": args.method_args or None,
-           "utility_tasks": args.utility_tasks.split(",") if args.utility_tasks else None}
-    spec = load_unlearn_spec(args.config, args.overrides, **cli)
-    settings = RunSettings(seed=spec.seed, quiet=args.quiet, threads=args.threads)
-    setup_torch(settings)
-    from llmmem.unlearning.runner import run_unlearning
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        overrides.insert(0, config)  # `llmmem unlearn key=value ...`: an override, not a config path
+        config = None
+    cli = {k: getattr(args, k) for k in UNLEARN_CLI}
+    cli.update(model=args.model, model_args=args.model_args or None, method_args=args.method_args or None,
+               utility_tasks=args.utility_tasks.split(",") if args.utility_tasks else None)
+    uc = load_unlearn_config(config, overrides, **cli)
+    mspec, spec, output, seed = uc.model, uc.spec, uc.output_path, uc.seed
+    check_output_path("output_path", output)
+    from pathlib import Path
 
-    cell = run_unlearning(spec, quiet=args.quiet, overwrite=args.overwrite)
+    if not Path(mspec.name).expanduser().exists():
+        from llmmem.models import resolve
+
+        resolve(mspec)  # a local preset (the testbed) is built first, saying so
+    include = with_model_tasks(None, [mspec.name])
+    if spec.utility_tasks:
+        from llmmem.evaluation import check_tasks, resolve_tasks
+
+        check_tasks(resolve_tasks(spec.utility_tasks, include), lambda _t: spec.utility_limit)
+    if spec.reference_model:
+        ref = model_spec_from_args(spec.reference_model, None)
+        if not Path(ref.name).expanduser().exists():
+            from llmmem.models import resolve
+
+            resolve(ref)
+    rank, scratch = _accelerate_rank(mspec)
+    cell = Cell(mspec, (Step("unlearn", spec),), EvalSpec(), seed)
+    from llmmem.results import CellDir
+
+    if rank == 0 and CellDir(output, cell.name()).done and not args.overwrite:
+        raise ConfigError(f"cell {Path(output) / cell.name()} is already finished; pass --overwrite to redo it")
+    settings = RunSettings(seed=seed, quiet=args.quiet, threads=args.threads,
+                           batch_size=64)  # the tracker's evaluation batch
+    try:
+        payload = _single_cell_run(args, cell, settings=settings, include_path=include, run_dir=scratch or output)
+    finally:
+        if scratch:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+    if rank != 0:
+        return 0
+    u, m = payload["unlearning"], payload["metrics"]
+    ratio = (u.get("utility_retained") or {}).get("retain_loss_ratio")
+    print(f"{spec.method}: forget extractable {m['unlearn_forget_initial']['extractable']:.2f} -> "
+          f"{m['unlearn_forget']['extractable']:.2f}, forgotten {m['unlearn_forget']['forgotten_rate']:.2f}"
+          + (f", retain loss x{ratio:.2f}" if ratio else "") + f" ({u['seconds']:.0f}s) -> {payload['_path']}")
     if args.plot:
         from llmmem.plots import plot_run
 
-        for p in plot_run(cell.run_dir):
+        for p in plot_run(output):
+            print(f"wrote {p}")
+    return 0
+
+
+def _accelerate_rank(mspec) -> tuple[int, str | None]:
+    """Under a multi-process ``accelerate launch``: this process's rank, its own GPU (``cuda:LOCAL_RANK``) and,
+    on ranks other than 0, a scratch directory for the cell (every rank runs the cell - the model is sharded -,
+    rank 0 writes it). (0, None) otherwise."""
+    from llmmem.unlearning.loop import launched_with_accelerate
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1 or not launched_with_accelerate():
+        return 0, None
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if mspec.device in ("auto", "cuda"):
+        mspec.device = f"cuda:{local}"
+    if rank == 0:
+        return 0, None
+    import tempfile
+
+    return rank, tempfile.mkdtemp(prefix=f"llmmem-unlearn-rank{rank}-")
+
+
+# ----------------------------------------------------------------------------- durability
+def cmd_durability(args) -> int:
+    from llmmem.durability import load_durability, plot, run_durability, write_report
+
+    spec = load_durability(args.config, args.overrides, output_path=args.output_path)
+    if args.plot:
+        from llmmem.plots import require_matplotlib
+
+        require_matplotlib()
+    settings = RunSettings(batch_size=spec.batch_size, seed=spec.seeds[0], quiet=args.quiet, threads=args.threads)
+    if not args.dry_run:
+        setup_torch(settings)
+    run_dir = run_durability(spec, quiet=args.quiet, dry_run=args.dry_run, overwrite=args.overwrite)
+    if args.dry_run:
+        return 0
+    from llmmem.report import build_report
+    from llmmem.results import atomic_write_text
+
+    atomic_write_text(run_dir / "report.md", build_report(run_dir) + "\n")
+    path = write_report(run_dir)
+    print(f"\nwrote {run_dir / 'report.md'}\nwrote {path}")
+    if args.plot:
+        from llmmem.plots import plot_run
+
+        for p in plot_run(run_dir) + plot(run_dir):
             print(f"wrote {p}")
     return 0
 
@@ -320,7 +548,15 @@ def cmd_testbed(args) -> int:
         if not Path(args.config).is_file():
             raise ConfigError(f"--config {args.config} does not exist")
         overrides = yaml_load_file(args.config, "testbed config (train: and/or world:)")
+    if args.device is not None or args.dtype is not None:
+        overrides = dict(overrides or {})
+        train = dict(overrides.get("train") or {})
+        train.update({k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None})
+        overrides["train"] = train
     cfg = preset_config(args.preset, overrides)  # unknown preset or bad sizes -> one line, exit 2
+    from llmmem.testbed.train import train_device
+
+    train_device(cfg)  # device=cuda without CUDA: one line, before the world is built
     exclude = None
     if args.exclude:
         from llmmem.config import read_id_file
@@ -397,6 +633,23 @@ def cmd_ls(args) -> int:
 COMMANDS: dict[str, Callable] = {}
 
 
+def add_eval_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation (lm-evaluation-harness spelling)")
+    g.add_argument("--limit", default=None, help="per task: the first N docs, or a fraction 0 < x < 1 of them")
+    g.add_argument("--num_fewshot", type=int, default=None, help="override every task's shot count")
+    g.add_argument("--backend", default="hf", help="hf (default) | vllm")
+    g.add_argument("--apply_chat_template", nargs="?", const=True, default=None, metavar="TEMPLATE",
+                   help="wrap prompts in the model's chat template (or the named template)")
+    g.add_argument("--fewshot_as_multiturn", action="store_true",
+                   help="with --apply_chat_template: few-shot examples as user/assistant turns")
+    g.add_argument("--system_instruction", default=None, help="a system message before every prompt")
+    g.add_argument("--gen_kwargs", default=None, metavar="K=V,...",
+                   help="override the tasks' generation settings: max_gen_toks, until, do_sample, temperature, top_p")
+    g.add_argument("--predict_only", action="store_true", help="log the model's outputs; no metric is computed")
+    g.add_argument("--mia_reference", default=None, metavar="MODEL",
+                   help="reference model for the reference-ratio membership score")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="llmmem",
@@ -423,7 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_gen_toks", type=int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--until", action="append", help="stop string (repeatable)")
     p.add_argument("--do_sample", action="store_true", help="sample instead of greedy (seeded by --seed)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", default="1.0", help="sampling temperature (> 0)")
+    p.add_argument("--top_p", default="1.0", help="nucleus sampling mass (0 < p <= 1)")
     p.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
     add_run_flags(p)
 
@@ -452,6 +706,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     add_run_flags(p)
 
+    p = add("quantize", cmd_quantize, "Quantize a model's weights (RTN or GPTQ, 2-8 bits) and save a checkpoint.",
+            _examples("llmmem quantize --model smollm2-135m --method rtn --bits 4 --group_size 32 --output q/rtn4",
+                      "llmmem quantize --model ./pruned/wanda50 --method gptq --bits 4 --group_size 64 --calibration self "
+                      "--nsamples 32 --seqlen 256 --output q/sparse-gptq4   # zeros stay zeros",
+                      "llmmem quantize --model ./ckpt --method gptq --bits 4 --group_size 128 --format compressed-tensors "
+                      "--output q/w4a16   # a checkpoint vLLM serves"))
+    add_model_flags(p)
+    g = p.add_argument_group("quantization (weight-only)")
+    g.add_argument("--method", required=True, help="rtn (round to nearest) | gptq")
+    g.add_argument("--bits", default="4", help="2 | 3 | 4 | 8 (default 4)")
+    g.add_argument("--group_size", default="128", help="input columns per scale (default 128); -1 = per output channel")
+    g.add_argument("--asymmetric", action="store_true", help="a zero-point per group (default symmetric)")
+    g.add_argument("--act_order", default=None, help="gptq: true | false (default true, as llm-compressor)")
+    g.add_argument("--dampening_frac", default="0.01", help="gptq: Hessian dampening, fraction of mean(diag H)")
+    g.add_argument("--no_keep_sparsity", action="store_true", help="let zeros of a pruned model change")
+    g.add_argument("--calibration", default="auto", metavar="SRC", help="gptq: as `llmmem prune --calibration`")
+    g.add_argument("--nsamples", default=None, help="gptq: calibration sequences (default 128)")
+    g.add_argument("--seqlen", default=None, help="gptq: tokens per calibration sequence")
+    g.add_argument("--format", default="fake", help="fake (dequantized safetensors, loads anywhere) | "
+                   "compressed-tensors (packed, served by vLLM)")
+    g.add_argument("--output", required=True, help="directory for the quantized checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    add_run_flags(p)
+
     p = add("fetch", cmd_fetch, "Download and convert a preset model into $LLMMEM_HOME/models.",
             _examples("llmmem fetch smollm2-135m", "LLMMEM_HOME=/data/llmmem llmmem fetch smollm2-135m --force"))
     p.add_argument("preset", nargs="+", help="preset name(s): see `llmmem ls models`")
@@ -460,34 +738,63 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("eval", cmd_eval, "Evaluate a model on tasks; writes a cell (results.json, samples_<task>.jsonl).",
             _examples("llmmem eval --model smollm2-135m --tasks capitals,capitals_override --limit 50",
-                      "llmmem eval --model ./pruned/wanda50 --tasks famous_passages --output_path results/mine "
-                      "--log_samples",
+                      "llmmem eval --model_args pretrained=./pruned/wanda50,dtype=float32 --tasks famous_passages "
+                      "--output_path results/mine --log_samples",
+                      "llmmem eval --model smollm2-135m --tasks capitals --apply_chat_template --fewshot_as_multiturn "
+                      "--limit 0.25",
                       "llmmem eval --model ./ckpt --tasks wikimia --mia_reference smollm2-135m"))
     add_model_flags(p)
-    p.add_argument("--tasks", required=True, help="comma-separated task names (llmmem ls tasks)")
-    p.add_argument("--limit", type=int, default=None, help="first N docs of every task")
-    p.add_argument("--num_fewshot", type=int, default=None, help="override every task's shot count")
+    p.add_argument("--tasks", required=True, help="comma-separated task names (llmmem ls tasks; lm_eval:<task>)")
+    add_eval_flags(p)
     p.add_argument("--output_path", default="results/eval", help="run directory (default results/eval)")
     p.add_argument("--log_samples", action="store_true", help="keep prompts in samples_<task>.jsonl")
     p.add_argument("--overwrite", action="store_true", help="redo a finished cell")
     p.add_argument("--include_path", default=None,
                    help="extra directory of task YAMLs (llmmem's, and lm-eval's for lm_eval: tasks)")
-    p.add_argument("--backend", default="hf", help="hf (default) | vllm")
-    p.add_argument("--mia_reference", default=None, metavar="MODEL",
-                   help="reference model for the reference-ratio membership score")
+    p.add_argument("--use_cache", default=None, metavar="DIR",
+                   help="answer repeated requests from a sqlite cache in DIR (keyed by the cell's weights)")
     add_run_flags(p)
 
     p = add("sweep", cmd_sweep, "Run a grid (models x pruning x sparsities, plus dense) on tasks; resumable.",
             _examples("llmmem sweep configs/quickstart.yaml --plot",
                       "llmmem sweep configs/quickstart.yaml sparsities=[0.3,0.6] limit=20 --output_path results/small",
-                      "llmmem sweep configs/testbed.yaml --dry_run"))
-    p.add_argument("config", help="sweep YAML (see configs/)")
+                      "llmmem sweep configs/testbed.yaml --dry_run",
+                      "llmmem sweep configs/testbed.yaml --executor local --workers 2",
+                      "llmmem sweep configs/gpu/pythia-1.4b-prune.yaml --executor slurm",
+                      "llmmem sweep --status results/pythia-1.4b"))
+    p.add_argument("config", nargs="?", default=None, help="sweep YAML (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys (YAML values)")
     p.add_argument("--output_path", default=None, help="run directory (overrides the config's)")
     p.add_argument("--overwrite", action="store_true", help="redo finished cells")
     p.add_argument("--dry_run", action="store_true", help="print the plan and stop")
     p.add_argument("--plot", action="store_true", help="draw the figures when done (needs the plot extra)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--use_cache", default=None, metavar="DIR",
+                   help="answer repeated requests from a sqlite cache in DIR (keyed by each cell's weights)")
+    g = p.add_argument_group("executor (where the cells run; see docs/architecture.md)")
+    g.add_argument("--executor", default=None, help="local (default) | slurm (a submitit job array; the config's "
+                   "slurm: {partition, gpus_per_node, cpus_per_task, mem_gb, time_min, ...})")
+    g.add_argument("--workers", default=None, help="executor local: N worker processes (one GPU each when GPUs "
+                   "are visible, else the CPU threads split between them)")
+    g.add_argument("--wait", action="store_true", help="executor slurm: wait for the job array, then report")
+    g.add_argument("--status", nargs="?", const=True, default=None, metavar="RUN_DIR",
+                   help="show done / running / queued / failed / pending cells of RUN_DIR (or of the config's "
+                        "output_path) and stop")
+    p.add_argument("--threads", default=None, help="CPU threads for torch (per worker with --workers)")
+    p.add_argument("--quiet", action="store_true")
+
+    p = add("durability", cmd_durability,
+            "Unlearn, then compress or relearn: does forgotten knowledge come back (beside a model retrained "
+            "without it), and which examples disappear first?",
+            _examples("llmmem durability configs/durability-testbed.yaml --plot",
+                      "llmmem durability configs/durability-testbed.yaml --dry_run",
+                      "llmmem durability configs/durability-testbed-tiny.yaml output_path=results/dur-tiny"))
+    p.add_argument("config", help="durability YAML (see configs/durability-testbed.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys (YAML values)")
+    p.add_argument("--output_path", default=None)
+    p.add_argument("--overwrite", action="store_true", help="redo finished cells")
+    p.add_argument("--dry_run", action="store_true", help="print the plan and stop")
+    p.add_argument("--plot", action="store_true")
+    p.add_argument("--threads", default=None)
     p.add_argument("--quiet", action="store_true")
 
     p = add("report", cmd_report, "Markdown table of a run (absolute and normalised to dense); writes report.md.",
@@ -517,25 +824,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forget", default=None, help="task name or jsonl (text, or prefix + secret)")
     p.add_argument("--retain", default=None, help="task name or jsonl")
     p.add_argument("--nonmember", default=None, help="never-seen examples (task or jsonl): forgetting threshold, MIA")
-    p.add_argument("--method", default=None, help="grad_ascent | grad_diff | npo | simnpo | noisy_ft")
+    p.add_argument("--method", default=None, help="see `llmmem ls methods` (grad_diff, npo, simnpo, ...)")
     p.add_argument("--method_args", default="", metavar="K=V,...", help="e.g. beta=0.1,alpha=1")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--batch_size", type=int, default=None)
-    p.add_argument("--eval_every", type=int, default=None)
+    p.add_argument("--steps", default=None)
+    p.add_argument("--lr", default=None)
+    p.add_argument("--batch_size", default=None)
+    p.add_argument("--eval_every", default=None)
     p.add_argument("--utility_tasks", default=None, help="comma-separated tasks evaluated at every evaluation")
     p.add_argument("--reference_model", default=None, help="a model trained without the forget set")
     p.add_argument("--output_path", default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", default=None)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--plot", action="store_true")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", default=None)
     p.add_argument("--quiet", action="store_true")
 
     p = add("testbed", cmd_testbed, "Build the synthetic world and train a small model on it (ground truth included).",
             _examples("llmmem testbed build --preset tiny --output /tmp/tb",
                       "llmmem testbed build --preset small --seed 1 --output testbeds/s1",
-                      "llmmem testbed build --exclude forget.txt --output testbeds/retrained  # without those canaries"))
+                      "llmmem testbed build --exclude forget.txt --output testbeds/retrained  # without those canaries",
+                      "llmmem testbed build --preset small --device cuda --output testbeds/s0  # bf16 autocast"))
     p.add_argument("action", choices=["build"], help="build: generate the world, train, write model + tasks")
     p.add_argument("--preset", default="small", help="tiny (tests, < 1 min) | small (default)")
     p.add_argument("--seed", type=int, default=0)
@@ -544,6 +852,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", default=None, metavar="FILE", help="canary ids (one per line) to leave out of training")
     p.add_argument("--config", default=None, metavar="YAML",
                    help="override the preset: {train: {layers, hidden, epochs, ...}, world: {n_entities, ...}}")
+    p.add_argument("--device", default=None, help="train on cpu (default) | cuda | cuda:N | auto")
+    p.add_argument("--dtype", default=None, help="auto (default: bfloat16 autocast on CUDA, float32 on the CPU) | "
+                   "float32 | bfloat16")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
 
@@ -567,7 +878,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:
         # sweep overrides may follow options (argparse stops filling a positional list at the first option)
-        if getattr(args, "command", None) in ("sweep", "unlearn") and all("=" in e and not e.startswith("-")
+        if getattr(args, "command", None) in ("sweep", "unlearn", "durability") and all("=" in e and not e.startswith("-")
                                                                             for e in extra):
             args.overrides = list(args.overrides) + extra
         else:
@@ -583,12 +894,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except ConfigError as e:
-        msg = textwrap.shorten(str(e), width=1000, placeholder=" ...")
+        msg = textwrap.shorten(" ".join(str(e).split()), width=1000, placeholder=" ...")
         sys.stderr.write(f"llmmem {args.command}: error: {msg}\n")
         return 2
+    except CellsFailed as e:
+        sys.stderr.write(f"llmmem {args.command}: {e}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("llmmem: interrupted\n")
         return 130
+    except BrokenPipeError:  # `llmmem ls tasks | head`: the reader left; say nothing
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        return 0
+    except Exception as e:  # noqa: BLE001 - a bug: say so first, then the traceback
+        first = " ".join(str(e).split())[:300]
+        sys.stderr.write(f"llmmem {args.command}: internal error (a bug in llmmem, not in your input): "
+                         f"{type(e).__name__}: {first} - please report it at {ISSUES_URL} with the traceback below\n")
+        traceback.print_exc(file=sys.stderr)
+        return 1
 
 
 def entrypoint() -> None:

@@ -1,20 +1,24 @@
-"""Typed specs shared by the CLI, YAML configs and the Python API.
+"""Configuration shared by the CLI, YAML configs and the Python API: the model spec, value parsers,
+YAML loading, and the environment.
 
 YAML and command-line flags fill the same dataclasses; validation raises :class:`ConfigError`
-with a one-line message naming the bad value and what is allowed. This module never imports
-torch, so the CLI can reject bad input before any heavy import.
+with a one-line message naming the key, the bad value and what is allowed. This module never
+imports torch, so the CLI can reject bad input before any heavy import. The specs of the
+interventions live beside them (``llmmem/pruning/spec.py``, ``quantization/spec.py``,
+``unlearning/spec.py``); a cell (model + chain + evaluation) is in ``llmmem/cells.py``.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+from llmmem.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A user error: printed as one line on stderr, exit code 2, nothing half-written."""
-
+__all__ = ["ConfigError", "ModelSpec", "model_spec_from_args", "parse_bool", "parse_int", "parse_positive_int",
+           "parse_float", "llmmem_home", "yaml_load", "yaml_load_file", "load_config_doc", "read_id_file"]
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 _TRUE = {"1", "true", "yes", "on"}
@@ -32,14 +36,55 @@ def parse_bool(key: str, value: str | bool) -> bool:
     raise ConfigError(f"{key}={value!r} is not a boolean; use true or false")
 
 
-def parse_positive_int(key: str, value, minimum: int = 1) -> int:
+def parse_int(key: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An integer (an int, or a string of one; not a bool, not a float with a fraction) within bounds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} is not an integer")
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise ConfigError(f"{key}={value!r} is not an integer")
+        value = int(value)
     try:
-        n = int(value)
+        n = int(str(value).strip()) if not isinstance(value, int) else value
     except (TypeError, ValueError):
         raise ConfigError(f"{key}={value!r} is not an integer") from None
-    if n < minimum:
+    if minimum is not None and n < minimum:
         raise ConfigError(f"{key}={n} must be >= {minimum}")
+    if maximum is not None and n > maximum:
+        raise ConfigError(f"{key}={n} must be <= {maximum}")
     return n
+
+
+def parse_positive_int(key: str, value, minimum: int = 1) -> int:
+    return parse_int(key, value, minimum=minimum)
+
+
+def parse_float(key: str, value, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False) -> float:
+    """A finite number (nan and inf are refused) within [low, high] (or open ends)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} is not a number")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not a number") from None
+    if not math.isfinite(x):
+        raise ConfigError(f"{key}={value!r} is not a finite number")
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    rng = f"{lo}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{hi}"
+    if low is not None and (x < low or (low_open and x == low)):
+        raise ConfigError(f"{key}={x:g} is outside {rng}")
+    if high is not None and (x > high or (high_open and x == high)):
+        raise ConfigError(f"{key}={x:g} is outside {rng}")
+    return x
+
+
+def parse_choice(key: str, value, choices) -> str:
+    v = str(value).strip()
+    if v not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose from: {', '.join(choices)}")
+    return v
 
 
 def check_device(device: str) -> str:
@@ -85,12 +130,36 @@ class ModelSpec:
         if self.max_model_len is not None:
             self.max_model_len = parse_positive_int("max_model_len", self.max_model_len)
         if self.gpu_memory_utilization is not None:
-            try:
-                self.gpu_memory_utilization = float(self.gpu_memory_utilization)
-            except ValueError:
-                raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization!r} is not a number") from None
-            if not 0 < self.gpu_memory_utilization <= 1:
-                raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+            self.gpu_memory_utilization = parse_float("gpu_memory_utilization", self.gpu_memory_utilization,
+                                                      low=0, high=1, low_open=True)
+        for key in ("revision", "gguf_file", "attn_implementation"):
+            v = getattr(self, key)
+            if v is not None and not str(v).strip():
+                raise ConfigError(f"{key}={v!r} is empty; leave it out or give a value")
+
+    # fields that change what a model computes (they enter a cell's identity); device, offload and the
+    # vLLM engine settings do not
+    IDENTITY_KEYS = ("dtype", "revision", "gguf_file", "max_length", "trust_remote_code")
+
+    def identity(self) -> dict:
+        """The canonical description of this model for a cell's config and hash.
+
+        A local path is made absolute (so ``./m`` and ``/abs/m`` are the same model); presets and hub
+        ids are kept as given."""
+        name = str(self.name)
+        p = Path(name).expanduser()
+        if p.exists():
+            name = str(p.resolve())
+        out = {"name": name}
+        for k in self.IDENTITY_KEYS:
+            v = getattr(self, k)
+            if v not in (None, False) or k == "dtype":
+                out[k] = v
+        return out
+
+    @property
+    def display_name(self) -> str:
+        return model_display_name(self.name)
 
     def engine_args(self) -> dict:
         """The vLLM engine arguments set in ``--model_args``."""
@@ -125,16 +194,21 @@ def parse_kv_list(text: str | None, flag: str = "--model_args") -> dict[str, str
     return out
 
 
-def model_spec_from_args(model: str, model_args: str | dict | None) -> ModelSpec:
-    """Build a ModelSpec from ``--model`` and ``--model_args`` (a k=v string or a dict)."""
+def model_spec_from_args(model: str | None, model_args: str | dict | None) -> ModelSpec:
+    """Build a ModelSpec from ``--model`` and ``--model_args`` (a k=v string or a dict).
+
+    ``pretrained=NAME`` in the model args is lm-evaluation-harness's spelling of ``--model``."""
     kv = parse_kv_list(model_args) if isinstance(model_args, str) or model_args is None else dict(model_args)
+    if "pretrained" in kv:
+        pre = str(kv.pop("pretrained"))
+        if model and str(model) != pre:
+            raise ConfigError(f"--model {model!r} and --model_args pretrained={pre!r} disagree; give one of them")
+        model = pre
     for key in kv:
         if key not in MODEL_ARG_KEYS:
-            raise ConfigError(
-                f"--model_args: unknown key {key!r}; allowed: {', '.join(MODEL_ARG_KEYS)}"
-            )
-    if "pretrained" in kv:  # lm-eval spelling
-        model = kv.pop("pretrained")
+            raise ConfigError(f"--model_args: unknown key {key!r}; allowed: pretrained, {', '.join(MODEL_ARG_KEYS)}")
+    if not model:
+        raise ConfigError("no model given: use --model NAME_OR_PATH (or --model_args pretrained=NAME_OR_PATH)")
     return ModelSpec(name=model, **kv)
 
 
@@ -143,189 +217,43 @@ def llmmem_home() -> Path:
     return Path(os.environ.get("LLMMEM_HOME") or Path.home() / ".cache" / "llmmem").expanduser()
 
 
+def default_threads() -> int:
+    """``$LLMMEM_THREADS``, else half the visible cores (1 on a 2-core machine)."""
+    env = os.environ.get("LLMMEM_THREADS")
+    if env is not None and env.strip() != "":
+        return parse_int("LLMMEM_THREADS", env, minimum=1)
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def parse_batch_size(value) -> int | str:
+    """``--batch_size``: N >= 1, ``auto`` (the largest batch that fits, found once per model and cached) or
+    ``auto:N`` (search again up to N times during a run, as lm-eval; llmmem searches once)."""
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v == "auto":
+            return "auto"
+        if v.startswith("auto:"):
+            parse_positive_int("--batch_size auto:N", v[5:])
+            return v
+    return parse_positive_int("--batch_size", value)
+
+
 @dataclass
 class RunSettings:
-    """Settings shared by every subcommand that runs a model."""
+    """Settings shared by every subcommand that runs a model (not part of any cell's identity)."""
 
-    batch_size: int = 8
+    batch_size: int | str = 8
     seed: int = 0
     quiet: bool = False
     threads: int | None = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.batch_size = parse_positive_int("--batch_size", self.batch_size)
+        self.batch_size = parse_batch_size(self.batch_size)
+        self.seed = parse_int("--seed", self.seed, minimum=0)
         if self.threads is not None:
             self.threads = parse_positive_int("--threads", self.threads)
-
-
-PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
-PROFILES = ("uniform", "owl")
-SCOPES = ("layer", "global")
-
-
-def parse_structure(structure: str) -> tuple[int, int]:
-    """``unstructured`` -> (0, 0); ``N:M`` -> (N, M) with 0 < N < M."""
-    s = str(structure).strip().lower()
-    if s == "unstructured":
-        return 0, 0
-    parts = s.replace("of", ":").split(":")
-    if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
-        n, m = int(parts[0]), int(parts[1])
-        if 0 < n < m:
-            return n, m
-        raise ConfigError(f"structure {structure!r}: N:M needs 0 < N < M")
-    raise ConfigError(f"structure {structure!r} is not valid; use unstructured or N:M (e.g. 2:4)")
-
-
-@dataclass
-class PruneSpec:
-    """One pruning intervention. ``sparsity`` may be None only for N:M (then it is N/M)."""
-
-    method: str
-    sparsity: float | None = None
-    structure: str = "unstructured"
-    profile: str = "uniform"
-    scope: str = "layer"  # magnitude only: one threshold per matrix (layer) or over all (global)
-    calibration: str = "auto"  # auto | self | token/text file | hf:PATH[:CONFIG[:SPLIT]] | c4
-    nsamples: int | None = None  # default 128 (or the token file's rows)
-    seqlen: int | None = None  # default 2048 (or the token file's columns)
-    seed: int = 0
-    owl_m: float = 5.0
-    owl_lambda: float = 0.08
-    blocksize: int = 128  # SparseGPT column block
-    percdamp: float = 0.01  # SparseGPT dampening, fraction of mean(diag H)
-
-    def __post_init__(self):
-        if self.method not in PRUNE_METHODS:
-            raise ConfigError(f"unknown pruning method {self.method!r}; choose from: {', '.join(PRUNE_METHODS)}")
-        if self.profile not in PROFILES:
-            raise ConfigError(f"unknown profile {self.profile!r}; choose from: {', '.join(PROFILES)}")
-        if self.scope not in SCOPES:
-            raise ConfigError(f"unknown scope {self.scope!r}; choose from: {', '.join(SCOPES)}")
-        if self.scope == "global" and self.method != "magnitude":
-            raise ConfigError("--scope global applies to magnitude pruning only")
-        n, m = parse_structure(self.structure)
-        self.structure = "unstructured" if m == 0 else f"{n}:{m}"
-        if self.sparsity is not None:
-            try:
-                self.sparsity = float(self.sparsity)
-            except (TypeError, ValueError):
-                raise ConfigError(f"sparsity {self.sparsity!r} is not a number") from None
-            if not 0.0 <= self.sparsity < 1.0:
-                raise ConfigError(f"sparsity {self.sparsity} is outside [0, 1)")
-        if m:
-            if self.sparsity is None:
-                self.sparsity = n / m
-            elif abs(self.sparsity - n / m) > 1e-9:
-                raise ConfigError(f"sparsity {self.sparsity} does not match structure {n}:{m} (= {n / m:g})")
-            if self.profile != "uniform":
-                raise ConfigError("N:M structure fixes every row's sparsity; use --profile uniform")
-        elif self.sparsity is None:
-            raise ConfigError("--sparsity is required for unstructured pruning")
-        if self.nsamples is not None:
-            self.nsamples = parse_positive_int("--nsamples", self.nsamples)
-        if self.seqlen is not None:
-            self.seqlen = parse_positive_int("--seqlen", self.seqlen)
-        if not 0 < self.owl_lambda < 0.5:
-            raise ConfigError(f"owl_lambda {self.owl_lambda} must be in (0, 0.5)")
-        if self.owl_m <= 0:
-            raise ConfigError(f"owl_m {self.owl_m} must be > 0")
-        if self.percdamp <= 0:
-            raise ConfigError(f"percdamp {self.percdamp} must be > 0")
-        self.blocksize = parse_positive_int("blocksize", self.blocksize)
-
-    @property
-    def nm(self) -> tuple[int, int]:
-        return parse_structure(self.structure)
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.method != "magnitude" or self.profile == "owl"
-
-
-# ----------------------------------------------------------------------------- sweeps
-SWEEP_KEYS = {"models", "model_args", "backend", "methods", "structures", "sparsities", "profiles", "calibration",
-              "nsamples", "seqlen", "tasks", "limit", "num_fewshot", "seeds", "batch_size", "output_path",
-              "include_path", "description"}
-
-
-@dataclass
-class SweepSpec:
-    """A grid: models x (methods x structures x sparsities x profiles, plus dense) x seeds, on tasks."""
-
-    models: list
-    tasks: list
-    methods: list = field(default_factory=lambda: ["magnitude", "wanda"])
-    structures: list = field(default_factory=lambda: ["unstructured"])
-    sparsities: list = field(default_factory=lambda: [0.5])
-    profiles: list = field(default_factory=lambda: ["uniform"])
-    calibration: str = "auto"
-    nsamples: int | None = None
-    seqlen: int | None = None
-    model_args: str | dict = ""
-    backend: str = "hf"
-    limit: int | dict | None = None  # an int, or {task: n, default: n}
-    num_fewshot: int | None = None
-    seeds: list = field(default_factory=lambda: [0])
-    batch_size: int = 8
-    output_path: str = "results/sweep"
-    include_path: str | None = None
-    description: str = ""
-
-    def __post_init__(self):
-        for key in ("models", "tasks", "methods", "structures", "sparsities", "profiles", "seeds"):
-            v = getattr(self, key)
-            if not isinstance(v, list):
-                setattr(self, key, [v])
-        if not self.models:
-            raise ConfigError("sweep: 'models' is empty")
-        if not self.tasks:
-            raise ConfigError("sweep: 'tasks' is empty")
-        for s in self.sparsities:
-            if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < 1:
-                raise ConfigError(f"sweep: sparsity {s!r} is not a number in [0, 1)")
-        for m in self.methods:
-            if m not in PRUNE_METHODS:
-                raise ConfigError(f"sweep: unknown pruning method {m!r}; choose from: {', '.join(PRUNE_METHODS)}")
-        for p in self.profiles:
-            if p not in PROFILES:
-                raise ConfigError(f"sweep: unknown profile {p!r}; choose from: {', '.join(PROFILES)}")
-        for st in self.structures:
-            parse_structure(st)
-        if self.backend not in ("hf", "vllm"):
-            raise ConfigError(f"sweep: unknown backend {self.backend!r}; choose from: hf, vllm")
-        self.batch_size = parse_positive_int("batch_size", self.batch_size)
-        if isinstance(self.limit, dict):
-            for k, v in self.limit.items():
-                parse_positive_int(f"limit.{k}", v)
-        elif self.limit is not None:
-            self.limit = parse_positive_int("limit", self.limit)
-        for s in self.seeds:
-            if isinstance(s, bool) or not isinstance(s, int):
-                raise ConfigError(f"sweep: seed {s!r} is not an integer")
-
-    def limit_for(self, task: str) -> int | None:
-        if isinstance(self.limit, dict):
-            return self.limit.get(task, self.limit.get("default"))
-        return self.limit
-
-    def prune_specs(self) -> list[PruneSpec]:
-        """Every pruning intervention of the grid (the dense baseline is not among them)."""
-        out, seen = [], set()
-        for method in self.methods:
-            for structure in self.structures:
-                n, m = parse_structure(structure)
-                sps = [n / m] if m else [s for s in self.sparsities if s > 0]
-                for s in sps:
-                    for profile in self.profiles if not m else ["uniform"]:
-                        spec = PruneSpec(method, s, structure, profile, calibration=self.calibration,
-                                         nsamples=self.nsamples, seqlen=self.seqlen)
-                        key = (method, spec.structure, round(s, 6), profile)
-                        if key not in seen:
-                            seen.add(key)
-                            out.append(spec)
-        return out
+        else:
+            self.threads = default_threads()
 
 
 def yaml_load(text: str):
@@ -348,21 +276,69 @@ def yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
+def read_text_file(path: Path | str, what: str) -> str:
+    """A text file's content; a missing, unreadable or non-UTF-8 file is one ConfigError line."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{what} {path} does not exist")
+    if not p.is_file():
+        raise ConfigError(f"{what} {path} is not a file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+
+
 def read_id_file(path: Path | str, what: str) -> list[str]:
     """Ids one per line (blank lines and ``#`` comments skipped), e.g. the canaries to forget or leave out."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{what} {path} does not exist")
-    return [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    text = read_text_file(path, what)
+    ids = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ConfigError(f"{what} {path} names {dup[0]!r} more than once")
+    return ids
+
+
+def check_output_path(key: str, path: Path | str, *, must_be_empty: bool = False, overwrite: bool = False) -> Path:
+    """An output directory that can be created (or exists as a directory), checked without creating it."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{key} {path} exists and is not a directory")
+    if p.is_dir():
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise ConfigError(f"{key} {path} is not writable")
+        if must_be_empty and not overwrite and any(p.iterdir()):
+            raise ConfigError(f"{key} {path} is not empty; pass --overwrite to replace it")
+        return p
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{key} {path}: {parent} is a file, so the directory cannot be created")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key} {path} cannot be created: {parent} is not writable")
+    return p
+
+
+def check_keys(where: str, mapping, allowed) -> dict:
+    """A mapping whose keys are all in ``allowed`` (a typo inside a nested mapping is an error, never ignored)."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{where} must be a mapping, got {mapping!r}")
+    unknown = sorted(str(k) for k in mapping if k not in allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(map(str, allowed)))}")
+    return mapping
 
 
 def yaml_load_file(path: Path | str, what: str = "file"):
     """Parse a YAML file; a syntax error becomes one ConfigError line naming the file and line."""
     import yaml
 
-    path = Path(path)
+    text = read_text_file(path, what)
     try:
-        doc = yaml_load(path.read_text())
+        doc = yaml_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
@@ -389,8 +365,11 @@ def load_config_doc(path: str | None, kind: str, allowed: set, required: tuple, 
     """A config mapping from YAML, then ``key=value`` overrides, then CLI flags; unknown keys rejected."""
     doc: dict = {}
     if path:
-        if not Path(path).is_file():
+        p = Path(path)
+        if not p.exists():
             raise ConfigError(f"{kind} config {path} does not exist")
+        if p.suffix not in (".yaml", ".yml"):
+            raise ConfigError(f"{kind} config {path} is not a .yaml file (to override a key, write key=value)")
         doc = yaml_load_file(path, f"{kind} config")
     for item in overrides or []:
         k, v = _parse_override(item)
@@ -407,76 +386,9 @@ def load_config_doc(path: str | None, kind: str, allowed: set, required: tuple, 
     return doc
 
 
-def load_sweep_spec(path: str | None, overrides: list[str] | None = None, **cli) -> SweepSpec:
-    """YAML file + ``key=value`` overrides (YAML-parsed values) + explicit CLI flags, validated."""
-    return SweepSpec(**load_config_doc(path, "sweep", SWEEP_KEYS, ("models", "tasks"), overrides, cli))
-
-
 def model_display_name(name: str) -> str:
     """How a model is named in results: a preset or hub id as given, a path by its last component."""
     p = Path(str(name)).expanduser()
     if p.exists():
         return (p.with_suffix("") if p.suffix == ".gguf" else p).resolve().name
     return str(name)
-
-
-# ----------------------------------------------------------------------------- unlearning
-UNLEARN_KEYS = {"model", "model_args", "method", "method_args", "forget", "retain", "nonmember", "forget_ids",
-                "forget_filter", "nonmember_filter", "retain_filter", "steps", "lr", "batch_size", "eval_every", "seed", "utility_tasks", "utility_limit",
-                "reference_model", "grad_norm_steps", "exposure_alternatives", "output_path", "description"}
-
-
-@dataclass
-class UnlearnSpec:
-    """One unlearning run: a method's loss over forget/retain batches, evaluated every ``eval_every`` steps."""
-
-    model: str
-    forget: str  # task name or jsonl file
-    retain: str
-    method: str = "grad_diff"
-    method_args: dict = field(default_factory=dict)
-    model_args: str | dict = ""
-    nonmember: str | None = None  # never-seen examples (median loss threshold, MIA); task or jsonl
-    forget_ids: list | None = None
-    forget_filter: dict = field(default_factory=dict)
-    retain_filter: dict = field(default_factory=dict)
-    nonmember_filter: dict = field(default_factory=dict)
-    steps: int = 100
-    lr: float = 1e-4
-    batch_size: int = 8
-    eval_every: int = 10
-    seed: int = 0
-    utility_tasks: list = field(default_factory=list)
-    utility_limit: int | None = 200
-    reference_model: str | None = None  # trained without the forget set (testbed --exclude)
-    grad_norm_steps: int = 5
-    exposure_alternatives: int = 100
-    output_path: str = "results/unlearn"
-    description: str = ""
-
-    def __post_init__(self):
-        from llmmem.unlearning import METHODS
-
-        METHODS.check(self.method)
-        self.steps = parse_positive_int("--steps", self.steps)
-        try:
-            self.lr = float(self.lr)
-        except (TypeError, ValueError):
-            raise ConfigError(f"--lr {self.lr!r} is not a number") from None
-        if not self.lr > 0:
-            raise ConfigError(f"--lr {self.lr} must be > 0")
-        self.batch_size = parse_positive_int("--batch_size", self.batch_size)
-        self.eval_every = parse_positive_int("--eval_every", self.eval_every)
-        if self.eval_every > self.steps:
-            raise ConfigError(f"--eval_every {self.eval_every} is larger than --steps {self.steps}")
-        self.grad_norm_steps = parse_positive_int("grad_norm_steps", self.grad_norm_steps, minimum=0)
-        if isinstance(self.forget_ids, str):  # a file of ids, one per line (the same file as testbed --exclude)
-            self.forget_ids = read_id_file(self.forget_ids, "forget_ids file")
-        if isinstance(self.utility_tasks, str):
-            self.utility_tasks = [t for t in self.utility_tasks.split(",") if t.strip()]
-        if isinstance(self.method_args, str):
-            self.method_args = {k: float(v) for k, v in parse_kv_list(self.method_args, "--method_args").items()}
-
-
-def load_unlearn_spec(path: str | None, overrides: list[str] | None = None, **cli) -> UnlearnSpec:
-    return UnlearnSpec(**load_config_doc(path, "unlearn", UNLEARN_KEYS, ("model", "forget", "retain"), overrides, cli))

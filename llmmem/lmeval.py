@@ -5,14 +5,14 @@
   without being saved — and its metrics land in the cell like any llmmem task (``metric@filter`` keys,
   with ``_stderr``).
 * ``llmmem export-lm-eval DIR`` writes llmmem's offline recall / icl tasks as lm-eval task YAMLs
-  (``dataset_path: json`` on a copy of the data, the same templates and shot layout, and scoring by
-  llmmem's own metric functions through ``process_results``), so ``lm_eval --include_path DIR`` runs them.
+  (``dataset_path: json`` on a copy of the filtered docs, the same templates, delimiters and shots —
+  llmmem samples shots with lm-eval's own rule — and scoring by llmmem's own code through
+  ``process_results``), so ``lm_eval --include_path DIR`` gives llmmem's prompts and numbers doc by doc.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,11 +76,13 @@ def run_lm_eval(task: LmEvalTask, backend, *, limit=None, num_fewshot=None, seed
     _require()
     from lm_eval import simple_evaluate
 
+    from llmmem.tasks import fewshot_seed
+
     t0 = time.time()
     model = _lm_eval_model(backend)
     out = simple_evaluate(model=model, tasks=[task.lm_eval_name], num_fewshot=num_fewshot, limit=limit,
                           task_manager=_task_manager(task.include_path), log_samples=True, random_seed=seed,
-                          numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                          numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=fewshot_seed(seed),
                           bootstrap_iters=1000, verbosity="ERROR")
     results = []
     for name, res in out["results"].items():
@@ -122,73 +124,111 @@ def _lm_eval_model(backend):
 
 
 # ----------------------------------------------------------------------------- export
-UTILS = '''"""Scoring for llmmem tasks exported to lm-evaluation-harness: llmmem's own metric functions."""
+UTILS = '''"""Scoring for llmmem tasks exported to lm-evaluation-harness: llmmem's own scoring code on the task YAMLs
+in llmmem_src/ (one process_<task> per YAML there, so several exports into one directory coexist)."""
 
-from llmmem.metrics import exact_match, first_line, token_f1
+from functools import lru_cache
+from pathlib import Path
 
-
-def _answers(doc, target, aliases):
-    out = [target]
-    extra = doc.get(aliases) if aliases else None
-    if isinstance(extra, list):
-        out += [str(a) for a in extra]
-    return out
+HERE = Path(__file__).resolve().parent
 
 
-def make_process_results(target_field, aliases=None, parametric_field=None):
+@lru_cache(maxsize=None)
+def _task(name):
+    from llmmem.suites import SUITES
+    from llmmem.tasks import load_task_file
+
+    task = load_task_file(HERE / "llmmem_src" / f"{name}.yaml")
+    return task, SUITES.get(task.suite)().metrics(task)
+
+
+def make_process_results(name):
     def process_results(doc, results):
-        pred = first_line(results[0])
-        answers = _answers(doc, str(doc[target_field]), aliases)
-        out = {"exact_match": exact_match(pred, answers), "f1": token_f1(pred, answers)}
-        if parametric_field:
-            out["follows_context"] = out["exact_match"]
-            out["parametric"] = exact_match(pred, [str(doc[parametric_field])])
-        return out
+        from llmmem.suites.icl import ICLSuite
+
+        task, metrics = _task(name)
+        row = ICLSuite().score_row(task, dict(doc, _row=0), "", results[0])
+        return {m: row[m] for m in metrics}
     return process_results
+
+
+for _yaml in sorted((HERE / "llmmem_src").glob("*.yaml")):
+    globals()[f"process_{_yaml.stem}"] = make_process_results(_yaml.stem)
 '''
 
 
+def _public(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("_")}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    import json
+
+    path.write_text("".join(json.dumps(_public(r), ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
 def export_tasks(out_dir: Path, names: list[str] | None = None, include_path: str | None = None) -> list[Path]:
-    """Write lm-eval YAMLs for llmmem's recall / icl tasks whose data is a local jsonl."""
-    from llmmem.tasks import get_task, task_index, template_fields
+    """Write lm-eval YAMLs for llmmem's recall / icl tasks whose data is local.
+
+    The exported task reads the task's docs (``filter`` applied, data order kept) and draws its shots as
+    llmmem does (llmmem follows lm-eval's sampler), so under lm-eval — with the fewshot seed
+    ``llmmem.tasks.fewshot_seed(seed)``, lm-eval's default 1234 for llmmem's default seed 0 — every doc
+    gets llmmem's prompt, and ``process_results`` scores with llmmem's own code (the task's YAML is
+    copied to ``llmmem_src/``). Split layout: the docs are the ``test`` split and also the few-shot split
+    (lm-eval then drops the doc from its own shots); with ``fewshot_data`` they are ``validation`` and the
+    shots ``train`` with no few-shot split declared, where lm-eval also passes the doc to the sampler.
+    """
+    from llmmem.suites import SUITES
+    from llmmem.tasks import get_task
 
     out_dir = Path(out_dir)
-    index = task_index(include_path)
+    index = _task_index(include_path)
     explicit = bool(names)
     names = names or sorted(index)
     written = []
     out_dir.mkdir(parents=True, exist_ok=True)
-    funcs = []
+    (out_dir / "llmmem_src").mkdir(exist_ok=True)
     for name in names:
         task = get_task(name, include_path)
-        local = isinstance(task.data, str) and not task.data.startswith("hf:")
+        local = all(isinstance(x, str) and not x.startswith("hf:")
+                    for x in (task.data, task.fewshot_data or "same"))
         if task.suite not in ("recall", "icl") or not local:
             if explicit:
                 raise ConfigError(f"task {name}: only recall/icl tasks with local jsonl data can be exported")
             continue
-        fields = template_fields(task.doc_to_target)
-        if len(fields) != 1 or task.doc_to_target.strip() != "{{" + fields[0] + "}}":
-            raise ConfigError(f"task {name}: doc_to_target must be a single field to export")
+        docs = task.docs()
+        same = task.fewshot_data in (None, "", "same")
         data = out_dir / f"{name}.jsonl"
-        shutil.copyfile(task._resolve(task.data), data)
-        parametric = task.options.get("parametric_target")
-        pfield = template_fields(parametric)[0] if parametric else None
+        _write_jsonl(data, docs)
+        if same:
+            splits = {"dataset_kwargs": {"data_files": {"test": str(data.resolve())}},
+                      "test_split": "test", "fewshot_split": "test"}
+        else:
+            shots = out_dir / f"{name}.fewshot.jsonl"
+            _write_jsonl(shots, task.fewshot_pool(docs))
+            splits = {"dataset_kwargs": {"data_files": {"validation": str(data.resolve()), "train": str(shots.resolve())}},
+                      "validation_split": "validation", "training_split": "train"}
+        src = out_dir / "llmmem_src" / f"{name}.yaml"
+        raw = dict(task.raw, data=str(data.resolve()), fewshot_data="same" if same else str(shots.resolve()))
+        raw.pop("filter", None)  # the copied docs are already filtered
+        src.write_text(_yaml_dump(raw))
+        metrics = SUITES.get(task.suite)().metrics(task)
         fn = f"process_{name}"
-        funcs.append(f"{fn} = make_process_results({fields[0]!r}, {task.aliases!r}, {pfield!r})")
-        metrics = ["follows_context", "parametric"] if pfield else ["exact_match", "f1"]
         gen = task.generation_kwargs
         doc = {
             "task": f"llmmem_{name}",
             "dataset_path": "json",
-            "dataset_kwargs": {"data_files": {"test": str(data.resolve())}},
-            "test_split": "test",
-            "fewshot_split": "test",
+            **splits,
             "output_type": "generate_until",
+            **({"description": task.prompt_description} if task.prompt_description else {}),
             "doc_to_text": task.doc_to_text,
             "doc_to_target": task.doc_to_target,
             "target_delimiter": task.target_delimiter,
             "fewshot_delimiter": task.fewshot_delimiter,
-            "num_fewshot": task.num_fewshot,
+            **({"fewshot_config": {"sampler": task.fewshot_sampler}} if task.fewshot_sampler != "default" else {}),
+            # lm-eval never overrides a num_fewshot of 0 written in a task's config; llmmem's 0 is a default that
+            # --num_fewshot overrides, which lm-eval does when the key is absent
+            **({"num_fewshot": task.num_fewshot} if task.num_fewshot else {}),
             "generation_kwargs": {"until": list(gen.get("until", ["\n"])), "max_gen_toks": int(gen.get("max_gen_toks", 16)),
                                   "do_sample": False},
             "process_results": f"!function llmmem_lmeval_utils.{fn}",
@@ -199,10 +239,16 @@ def export_tasks(out_dir: Path, names: list[str] | None = None, include_path: st
         text = _yaml_dump(doc)
         path.write_text(text.replace("'!function llmmem_lmeval_utils." + fn + "'", "!function llmmem_lmeval_utils." + fn))
         written.append(path)
-    (out_dir / "llmmem_lmeval_utils.py").write_text(UTILS + "\n\n" + "\n".join(funcs) + "\n")
+    (out_dir / "llmmem_lmeval_utils.py").write_text(UTILS)
     if not written:
         raise ConfigError("no exportable task (recall/icl tasks with local jsonl data)")
     return written
+
+
+def _task_index(include_path):
+    from llmmem.tasks import task_index
+
+    return task_index(include_path)
 
 
 def _yaml_dump(doc: dict) -> str:

@@ -98,36 +98,7 @@ def bleu4(candidate: Sequence, reference: Sequence) -> float:
     return bp * math.exp(log_p)
 
 
-# ----------------------------------------------------------------------------- exposure
-def exposure_from_rank(rank: int, space_size: float) -> float:
-    """Carlini et al. 2019: exposure = log2 |R| - log2 rank (rank 1 = the most likely secret)."""
-    return math.log2(space_size) - math.log2(rank)
-
-
-def exposure_extrapolated(true_score: float, sample_scores: Sequence[float], space_size: float) -> dict:
-    """Exposure of a canary from sampled alternatives' log-perplexities (lower = more likely).
-
-    The empirical rank among the sample gives exposure directly when the sample resolves it; when the
-    true secret beats every sampled one, the rank is extrapolated from a skew-normal fit to the
-    sample (Carlini et al. 2019, section 4.2): exposure = -log2 F(true_score).
-    """
-    s = np.asarray(sample_scores, dtype=np.float64)
-    below = int((s < true_score).sum())
-    frac = (below + 1) / (len(s) + 1)
-    empirical = -math.log2(frac)
-    out = {"exposure_empirical": empirical, "rank_fraction": frac}
-    if below == 0:
-        from scipy import stats
-
-        a, loc, scale = stats.skewnorm.fit(s)
-        cdf = float(stats.skewnorm.cdf(true_score, a, loc, scale))
-        cdf = max(cdf, 1.0 / space_size)
-        out["exposure"] = min(-math.log2(cdf), math.log2(space_size))
-        out["extrapolated"] = True
-    else:
-        out["exposure"] = empirical
-        out["extrapolated"] = False
-    return out
+# Exposure (Carlini et al. 2019) lives in llmmem.exposure: a declared secret space, exact or sampled.
 
 
 # ----------------------------------------------------------------------------- membership inference
@@ -164,25 +135,108 @@ def mia_min_k_plus_plus(token_logprobs: Sequence[float], mu: Sequence[float], si
     return -float(z[:n].mean())
 
 
-def roc_auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -> float:
-    """P(a member scores lower than a non-member), ties counted one half (Mann-Whitney)."""
-    m = np.asarray(member_scores, dtype=np.float64)[:, None]
-    n = np.asarray(nonmember_scores, dtype=np.float64)[None, :]
+def _finite_array(values: Sequence[float]) -> np.ndarray:
+    """As MIMIR's ``filter_out_nan``: drop NaN scores before any curve is drawn."""
+    a = np.asarray(values, dtype=np.float64).ravel()
+    return a[~np.isnan(a)]
+
+
+def roc_curve(labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``sklearn.metrics.roc_curve(labels, scores)`` with its defaults (``drop_intermediate=True``), in numpy.
+
+    Label 1 is the positive class and a *higher* score means "more likely positive" (scikit-learn's
+    orientation). Returns ``fpr, tpr, thresholds``; the curve starts at (0, 0) with threshold ``inf``.
+    ``tests/test_metrics.py`` checks it equal to scikit-learn's on continuous and tied scores.
+    """
+    y = np.asarray(labels).ravel() == 1
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"roc_curve: {y.size} labels for {s.size} scores")
+    order = np.argsort(-s, kind="stable")  # descending; ties in any order give the same curve
+    s, y = s[order], y[order].astype(np.float64)
+    idx = np.r_[np.nonzero(np.diff(s))[0], y.size - 1]  # last position of each distinct score
+    tps = np.cumsum(y)[idx]
+    fps = 1 + idx.astype(np.float64) - tps
+    thresholds = s[idx]
+    if fps.shape[0] > 2:  # drop points collinear with their neighbours (not corners of the curve)
+        keep = np.nonzero(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])[0]
+        fps, tps, thresholds = fps[keep], tps[keep], thresholds[keep]
+    tps, fps = np.r_[0.0, tps], np.r_[0.0, fps]
+    thresholds = np.r_[np.inf, thresholds]
+    fpr = fps / fps[-1] if fps[-1] > 0 else np.full(fps.shape, np.nan)
+    tpr = tps / tps[-1] if tps[-1] > 0 else np.full(tps.shape, np.nan)
+    return fpr, tpr, thresholds
+
+
+def _trapezoid(x: np.ndarray, y: np.ndarray) -> float:
+    return float((np.diff(x) * (y[1:] + y[:-1]) / 2.0).sum())
+
+
+def _member_curve(member_scores, nonmember_scores):
+    """MIMIR's orientation (``mimir/attacks/attack_utils.py``, ``get_roc_metrics``): members are label 1,
+    and the scores (lower = member) are negated so that members are the high-score class."""
+    m, n = _finite_array(member_scores), _finite_array(nonmember_scores)
     if m.size == 0 or n.size == 0:
+        return None
+    labels = np.r_[np.ones(m.size, dtype=int), np.zeros(n.size, dtype=int)]
+    return roc_curve(labels, -np.r_[m, n])
+
+
+def roc_auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -> float:
+    """ROC AUC of a "lower = member" score: ``sklearn.metrics.roc_auc_score(labels, -scores)`` with members
+    labelled 1 (= MIMIR's ``auc(fpr, tpr)``) = P(member < non-member) + P(tie) / 2. NaN scores are dropped;
+    NaN when either set is empty."""
+    curve = _member_curve(member_scores, nonmember_scores)
+    if curve is None:
         return float("nan")
-    return float(((m < n).sum() + 0.5 * (m == n).sum()) / (m.size * n.size))
+    fpr, tpr, _ = curve
+    return _trapezoid(fpr, tpr)
 
 
 def tpr_at_fpr(member_scores: Sequence[float], nonmember_scores: Sequence[float], fpr: float) -> float:
-    """Largest share of members flagged (score <= t) while at most ``fpr`` of non-members are."""
-    m = np.asarray(member_scores, dtype=np.float64)
-    n = np.sort(np.asarray(nonmember_scores, dtype=np.float64))
-    allowed = int(math.floor(fpr * len(n)))
-    # threshold strictly below the (allowed+1)-th lowest non-member score
-    if allowed >= len(n):
-        return 1.0
-    cut = n[allowed]
-    return float((m < cut).mean())
+    """TPR at FPR strictly below ``fpr``, exactly as MIMIR (``run.py``, compute_metrics_from_scores):
+    ``tpr[np.where(fpr_curve < fpr)[0][-1]]`` on the ROC curve of :func:`roc_auc`'s orientation
+    (Carlini et al. 2022's "TPR at low FPR"). NaN when either set is empty."""
+    if not fpr > 0:
+        raise ValueError(f"tpr_at_fpr: the FPR bound must be > 0, got {fpr}")
+    curve = _member_curve(member_scores, nonmember_scores)
+    if curve is None:
+        return float("nan")
+    f, t, _ = curve
+    return float(t[np.nonzero(f < fpr)[0][-1]])
+
+
+# ----------------------------------------------------------------------------- unlearning: PrivLeak
+PRIVLEAK_MIN_K = 0.4  # MUSE (metrics/privleak.py, key "forget_holdout_Min-40%") and open-unlearning (mia_min_k k: 0.4)
+
+
+def privleak_auc(forget_scores: Sequence[float], holdout_scores: Sequence[float]) -> float:
+    """The MIA AUC that PrivLeak compares, in open-unlearning's labelling (``src/evals/metrics/mia/utils.py``,
+    ``mia_auc``): ``roc_auc_score(labels, scores)`` with forget labelled 0, holdout 1 and the raw
+    "lower = member" score (Min-K% with k = 0.4, :data:`PRIVLEAK_MIN_K`). It is 1 when the forget set is
+    far more likely than the holdout set and 0.5 when the two are indistinguishable; MUSE's own AUC
+    (``metrics/privleak.py``, ``sweep``: ``roc_curve(y, -ppl)``, same labels) is ``1 -`` this."""
+    f, h = _finite_array(forget_scores), _finite_array(holdout_scores)
+    if f.size == 0 or h.size == 0:
+        return float("nan")
+    fpr, tpr, _ = roc_curve(np.r_[np.zeros(f.size, dtype=int), np.ones(h.size, dtype=int)], np.r_[f, h])
+    return _trapezoid(fpr, tpr)
+
+
+def privleak(auc_unlearned: float, auc_retrained: float) -> float:
+    """PrivLeak in percent, as open-unlearning (``src/evals/metrics/privacy.py``, ``privleak``) and MUSE
+    (``eval.py``: ``(AUC - AUC_RETRAIN) / AUC_RETRAIN * 100`` on MUSE's AUC, which is 1 - ours):
+
+        ((1 - auc_unlearned) - (1 - auc_retrained)) / (1 - auc_retrained + 1e-10) * 100
+
+    with both AUCs from :func:`privleak_auc`. 0 = the unlearned model leaks as much as a model never
+    trained on the forget set; negative = it still tells forget from holdout (under-unlearning);
+    positive = over-unlearning. NaN when ``auc_retrained`` is 1 (the ratio is undefined; the reference's
+    1e-10 would give +-1e12)."""
+    if auc_retrained >= 1.0:
+        return float("nan")
+    score, ref = 1.0 - auc_unlearned, 1.0 - auc_retrained
+    return (score - ref) / (ref + 1e-10) * 100.0
 
 
 # ----------------------------------------------------------------------------- aggregation

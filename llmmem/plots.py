@@ -1,10 +1,14 @@
 """Figures from a run directory (reads results files only; matplotlib, no display needed).
 
-* ``headline``: retention (metric / dense metric) against sparsity, one line per task family
-  (closed-book recall, in-context learning, verbatim extraction), one panel per method, with bands of
-  +/- one standard error (delta method, averaged over the family's tasks).
-* ``tasks``: every task's primary metric against sparsity, one line per method.
-* ``extraction_buckets``: extraction rate against sparsity by bucket (duplication count, popularity, group).
+* ``headline``: retention (metric / dense metric) against the intervention's axis (sparsity, bits, steps),
+  one line per task family (closed-book recall, in-context learning, verbatim extraction), one panel per
+  series (the chain without its last step's axis value: ``wanda``, ``npo -> rtn``), with bands of +/- one
+  standard error (averaged over the family's tasks). A series' first point is the cell it extends.
+* ``tasks``: every task's primary metric against the axis, one line per series.
+* ``extraction_buckets``: extraction rate against the axis by bucket (duplication count, popularity, group).
+
+Cells are read from their configs (never from their names); cells evaluated with different settings are
+plotted apart.
 """
 
 from __future__ import annotations
@@ -15,30 +19,39 @@ from pathlib import Path
 import numpy as np
 
 from llmmem.config import ConfigError
-from llmmem.report import FAMILY, chance_of, dense_of, load_run, ratio_with_se, task_metrics
+from llmmem.report import FAMILY, base_of, family_tasks, groups_of, load_run, retention_of, task_metrics
+from llmmem.stats import family_retention
 
 FAMILY_COLORS = {"recall": "#c0392b", "icl": "#2471a3", "extraction": "#7d3c98", "mia": "#7f8c8d"}
 
 
-def _mpl():
+def require_matplotlib() -> None:
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError:
         raise ConfigError("plots need matplotlib: pip install 'llmmem[plot]'") from None
+
+
+def _mpl():
+    require_matplotlib()
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
 
 
-def _series_key(c) -> str:
-    prof = "" if c["profile"] == "uniform" else f" {c['profile']}"
-    struct = "" if c["structure"] in ("unstructured", "dense") else f" {c['structure']}"
-    return f"{c['method']}{struct}{prof}"
+def _series(cells) -> list[str]:
+    out = []
+    for c in cells:
+        if c["kind"] != "dense" and c["series"] not in out:
+            out.append(c["series"])
+    return out
 
 
-def _methods(cells) -> list[str]:
-    return sorted({_series_key(c) for c in cells if c["method"] != "dense"})
+def _axis(cells, series) -> str:
+    return next((c["axis"] for c in cells if c["series"] == series and c["axis"]), "")
 
 
 def _save(fig, out: Path, name: str) -> list[Path]:
@@ -71,28 +84,29 @@ def _finish(plt, fig, axes, out: Path, name: str, suptitle: str, **legend) -> li
     return paths
 
 
-def _points(cells, model, method_key, task, metric, normalised):
-    """(sparsity, value, se) for one model and method, the dense cell at sparsity 0."""
+def _points(cells, gcells, series, task, metric, normalised):
+    """(x, value, se) of one series within one model's group of cells; its first point is the cell the series
+    extends (the dense model for one-step chains) at the axis' base value."""
+    members = [c for c in gcells if c["series"] == series]
+    if not members:
+        return []
+    base = base_of(cells, members[0])
     pts = []
-    for c in cells:
-        if c["model"] != model:
-            continue
-        if c["method"] != "dense" and _series_key(c) != method_key:
-            continue
-        res = c["doc"]["results"].get(task, {})
+    for c in ([base] if base is not None else []) + members:
+        res = c["doc"]["metrics"].get(task, {})
         m, se = res.get(metric), res.get(f"{metric}_stderr")
         if m is None:
             continue
         if normalised:
-            d = dense_of(cells, c)
-            if d is None:
-                continue
-            dres = d["doc"]["results"].get(task, {})
-            m, se = ratio_with_se(m, se, dres.get(metric), dres.get(f"{metric}_stderr"), chance_of(c["doc"], task, metric))
+            r = retention_of(cells, c, task, metric)
+            if not r["defined"]:
+                continue  # undefined retention is a gap, never a number
+            m, se = r["value"], r["stderr"]
         if m is None or math.isnan(m):
             continue
-        pts.append((c["sparsity"], m, 0.0 if se is None or math.isnan(se) else se))
-    # average seeds at the same sparsity
+        x = members[0]["x_base"] if c is base else c["x"]
+        pts.append((x, m, 0.0 if se is None or math.isnan(se) else se))
+    # average seeds at the same x
     by_s: dict = {}
     for s, m, se in pts:
         by_s.setdefault(s, []).append((m, se))
@@ -100,107 +114,138 @@ def _points(cells, model, method_key, task, metric, normalised):
             for s, v in sorted(by_s.items())]
 
 
+def _units(cells):
+    """(model, title suffix, cells) per model and evaluation settings (settings apart, labelled)."""
+    groups = groups_of(cells)
+    per_model: dict = {}
+    for (model, _g) in groups:
+        per_model[model] = per_model.get(model, 0) + 1
+    seen: dict = {}
+    for (model, _g), gcells in groups.items():
+        tag = ""
+        if per_model[model] > 1:
+            seen[model] = seen.get(model, 0) + 1
+            tag = f"_settings{chr(64 + seen[model])}"
+        yield model, tag, gcells
+
+
+def _kinds_title(gcells, series) -> str:
+    names = {"prune": "pruning", "quantize": "quantization", "unlearn": "unlearning"}
+    kinds = []
+    for c in gcells:
+        if c["series"] in series and names.get(c["kind"], c["kind"]) not in kinds:
+            kinds.append(names.get(c["kind"], c["kind"]))
+    return " and ".join(kinds) or "interventions"
+
+
 def headline(cells, out: Path) -> list[Path]:
     plt = _mpl()
     paths = []
-    for model in sorted({c["model"] for c in cells}):
-        methods = _methods([c for c in cells if c["model"] == model])
-        if not methods:
+    for model, tag, gcells in _units(cells):
+        series_list = _series(gcells)
+        if not series_list:
             continue
-        fig, axes = plt.subplots(1, len(methods), figsize=(4.6 * len(methods), 3.8), sharey=True, squeeze=False)
+        fig, axes = plt.subplots(1, len(series_list), figsize=(4.6 * len(series_list), 3.8), sharey=True, squeeze=False)
         tm = []
-        for c in cells:
-            if c["model"] == model:
-                for x in task_metrics(c["doc"]):
-                    if x not in tm and x[1] != "parametric" and x[2] in ("recall", "icl", "extraction"):
-                        tm.append(x)
-        for ax, method in zip(axes[0], methods):
+        for c in gcells:
+            for x in task_metrics(c["doc"]):
+                if x not in tm and x[1] != "parametric" and x[2] in ("recall", "icl", "extraction"):
+                    tm.append(x)
+        for ax, series in zip(axes[0], series_list):
+            members = [c for c in gcells if c["series"] == series]
+            base = base_of(cells, members[0])
             for fam in ("recall", "icl", "extraction"):
-                fam_tasks = [(t, m) for t, m, s in tm if s == fam]
-                if not fam_tasks:
+                pairs = [(t, m) for t, m, s in tm if s == fam]
+                if not pairs:
                     continue
-                series = [dict((s, (v, se)) for s, v, se in _points(cells, model, method, t, m, True)) for t, m in fam_tasks]
-                series = [s for s in series if s]  # tasks the dense model cannot do (at chance) drop out
-                xs = sorted(set.intersection(*[set(s) for s in series])) if series else []
-                if not xs:
+                pts, used = [], set()
+                for c in ([base] if base is not None else []) + members:
+                    r = family_retention(family_tasks(cells, c, pairs), seed=0)
+                    if r["defined"]:  # a family the dense model cannot do is a gap, never a number
+                        pts.append((members[0]["x_base"] if c is base else c["x"], r["value"], r["stderr"]))
+                        used.update(r["tasks"])
+                if not pts:
                     continue
-                ys = [sum(s[x][0] for s in series) / len(series) for x in xs]
-                es = [math.sqrt(sum(s[x][1] ** 2 for s in series)) / len(series) for x in xs]
-                _band(ax, xs, ys, es, f"{FAMILY[fam]} ({len(series)} task{'s' * (len(series) > 1)})",
-                      color=FAMILY_COLORS[fam])
+                pts.sort()
+                _band(ax, [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts],
+                      f"{FAMILY[fam]} ({len(used)} task{'s' * (len(used) > 1)})", color=FAMILY_COLORS[fam])
             ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-            ax.set_title(method)
-            ax.set_xlabel("sparsity")
+            ax.set_title(series)
+            ax.set_xlabel(_axis(gcells, series))
+            if _axis(gcells, series) == "bits":
+                ax.invert_xaxis()
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("retention: (metric - chance) / (dense - chance)")
-        paths += _finish(plt, fig, axes, out, f"headline_{_fname(model)}",
-                         f"{model}: what survives pruning ({', '.join(methods)})", loc="lower left")
+        paths += _finish(plt, fig, axes, out, f"headline_{_fname(model)}{tag}",
+                         f"{model}: what survives {_kinds_title(gcells, series_list)} ({', '.join(series_list)})",
+                         loc="lower left")
     return paths
 
 
 def per_task(cells, out: Path) -> list[Path]:
     plt = _mpl()
     paths = []
-    for model in sorted({c["model"] for c in cells}):
-        mc = [c for c in cells if c["model"] == model]
+    for model, tag, mc in _units(cells):
         tm = []
         for c in mc:
             for x in task_metrics(c["doc"]):
                 if x not in tm:
                     tm.append(x)
-        if not tm:
+        if not tm or not _series(mc):
             continue
         ncol = min(3, len(tm))
         nrow = math.ceil(len(tm) / ncol)
         fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False)
         for ax, (task, metric, suite) in zip(axes.flat, tm):
-            for method in _methods(mc):
-                pts = _points(cells, model, method, task, metric, False)
+            for series in _series(mc):
+                pts = _points(cells, mc, series, task, metric, False)
                 if not pts:
                     continue
-                _band(ax, *zip(*pts), method)
+                _band(ax, *zip(*pts), series)
             ax.set_title(f"{task} ({FAMILY.get(suite, suite)})", fontsize=9)
-            ax.set_xlabel("sparsity")
+            ax.set_xlabel(" / ".join(dict.fromkeys(_axis(mc, s) for s in _series(mc))))
             ax.set_ylabel(metric)
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(tm):]:
             ax.axis("off")
-        paths += _finish(plt, fig, axes, out, f"tasks_{_fname(model)}", f"{model}: every task against sparsity")
+        paths += _finish(plt, fig, axes, out, f"tasks_{_fname(model)}{tag}", f"{model}: every task against each intervention")
     return paths
 
 
 def extraction_buckets(cells, out: Path) -> list[Path]:
     plt = _mpl()
     paths = []
-    for model in sorted({c["model"] for c in cells}):
-        mc = [c for c in cells if c["model"] == model]
+    for model, tag, mc in _units(cells):
         ext = []
         for c in mc:
             for task, metric, suite in task_metrics(c["doc"]):
-                if suite == "extraction" and c["doc"]["results"].get(task, {}).get("buckets") and (task, metric) not in ext:
+                if suite == "extraction" and c["doc"]["metrics"].get(task, {}).get("buckets") and (task, metric) not in ext:
                     ext.append((task, metric))
-        methods = _methods(mc)
+        series_list = _series(mc)
+        if not series_list:
+            continue
         for task, metric in ext:
-            fig, axes = plt.subplots(1, max(1, len(methods)), figsize=(4.6 * max(1, len(methods)), 3.6), sharey=True,
+            fig, axes = plt.subplots(1, len(series_list), figsize=(4.6 * len(series_list), 3.6), sharey=True,
                                      squeeze=False)
-            for ax, method in zip(axes[0], methods):
-                buckets = sorted({b for c in mc for b in (c["doc"]["results"].get(task, {}).get("buckets") or {})})
+            for ax, series in zip(axes[0], series_list):
+                members = [c for c in mc if c["series"] == series]
+                base = base_of(cells, members[0])
+                buckets = sorted({b for c in mc for b in (c["doc"]["metrics"].get(task, {}).get("buckets") or {})})
                 for b in buckets:
                     pts = []
-                    for c in mc:
-                        if c["method"] != "dense" and _series_key(c) != method:
-                            continue
-                        bv = (c["doc"]["results"].get(task, {}).get("buckets") or {}).get(b)
+                    for c in ([base] if base else []) + members:
+                        bv = (c["doc"]["metrics"].get(task, {}).get("buckets") or {}).get(b)
                         if bv and bv.get(metric) is not None:
-                            pts.append((c["sparsity"], bv[metric], bv.get(f"{metric}_stderr") or 0.0))
+                            x = members[0]["x_base"] if c is base else c["x"]
+                            pts.append((x, bv[metric], bv.get(f"{metric}_stderr") or 0.0))
                     pts.sort()
                     if pts:
                         _band(ax, *zip(*pts), str(b))
-                ax.set_title(method)
-                ax.set_xlabel("sparsity")
+                ax.set_title(series)
+                ax.set_xlabel(_axis(mc, series))
                 ax.grid(alpha=0.3)
             axes[0][0].set_ylabel(metric)
-            paths += _finish(plt, fig, axes, out, f"extraction_{_fname(model)}_{task}",
+            paths += _finish(plt, fig, axes, out, f"extraction_{_fname(model)}{tag}_{task}",
                              f"{model}: {task} {metric} by bucket", title="bucket")
     return paths
 
@@ -213,7 +258,7 @@ def _fname(s: str) -> str:
 
 def unlearning(cells, run_dir: Path, out: Path) -> list[Path]:
     """Per unlearning cell: forgetting curves by group, predictors vs steps-to-forget, utility vs steps."""
-    import json
+    from llmmem.results import read_jsonl_tolerant
 
     plt = _mpl()
     paths = []
@@ -222,7 +267,7 @@ def unlearning(cells, run_dir: Path, out: Path) -> list[Path]:
         curves = Path(run_dir) / c["path"] / "curves.jsonl"
         if not u or not curves.exists():
             continue
-        rows = [json.loads(line) for line in curves.read_text().splitlines()]
+        rows = read_jsonl_tolerant(curves)
         tag = _fname(f"{c['model']}_{u['method']}")
         # 1. forgetting curves
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -299,6 +344,4 @@ def plot_run(run_dir, out_dir=None) -> list[Path]:
         raise ConfigError(f"{run_dir} has no finished cells (no results.json found)")
     out = Path(out_dir) if out_dir else Path(run_dir) / "plots"
     out.mkdir(parents=True, exist_ok=True)
-    pruning = [c for c in cells if not c["doc"].get("unlearning")]
-    return (headline(pruning, out) + per_task(pruning, out) + extraction_buckets(pruning, out)
-            + unlearning(cells, Path(run_dir), out))
+    return headline(cells, out) + per_task(cells, out) + extraction_buckets(cells, out) + unlearning(cells, Path(run_dir), out)

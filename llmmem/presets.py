@@ -150,11 +150,12 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 
-def _fetch_testbed(dest: Path, quiet: bool) -> None:
+def _fetch_testbed(dest: Path, quiet: bool, preset: str = "small") -> None:
     from llmmem.testbed.train import build_testbed
 
-    log.info("building the testbed (preset small, seed 0): trains a small model on this machine, once (~4.5 min on one CPU core)")
-    build_testbed(dest, preset="small", seed=0, overwrite=True, quiet=quiet)
+    took = "~4.5 min on one CPU core" if preset == "small" else "seconds"
+    log.info("building the testbed (preset %s, seed 0): trains a small model on this machine, once (%s)", preset, took)
+    build_testbed(dest, preset=preset, seed=0, overwrite=True, quiet=quiet)
 
 
 PRESETS.register(
@@ -162,4 +163,12 @@ PRESETS.register(
     Preset(name="testbed", description="synthetic-world testbed with ground truth (preset small, seed 0); "
                                        "trained locally on first use", hub_id=None, fetch=_fetch_testbed),
     "the testbed model",
+)
+
+PRESETS.register(
+    "testbed-tiny",
+    Preset(name="testbed-tiny", description="the testbed's tiny preset (seed 0): trains in seconds; for CI and "
+                                            "trying configs", hub_id=None,
+           fetch=lambda dest, quiet: _fetch_testbed(dest, quiet, preset="tiny")),
+    "the tiny testbed model",
 )

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from llmmem.config import ConfigError
+from llmmem.errors import ConfigError
 
 T = TypeVar("T")
 

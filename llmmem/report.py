@@ -50,50 +50,116 @@ FAMILY = {"recall": "closed-book recall", "icl": "in-context learning", "extract
           "mia": "membership inference"}
 
 
-def ratio_with_se(m, se_m, d, se_d, chance: float = 0.0):
-    """Retention (m - chance) / (d - chance) and its delta-method standard error (independent estimates).
+def samples_of(cell: dict, task: str) -> list[dict] | None:
+    """A cell's per-doc rows of a task (``samples_<task>.jsonl``), read once and kept on the record."""
+    from pathlib import Path
 
-    NaN when the dense value is not above chance: a task the dense model cannot do says nothing about
-    what pruning removes."""
-    if d is None or m is None or (isinstance(d, float) and math.isnan(d)):
-        return float("nan"), float("nan")
-    m, d = m - chance, d - chance
-    if d <= 1e-12:
-        return float("nan"), float("nan")
-    se_m = 0.0 if se_m is None or (isinstance(se_m, float) and math.isnan(se_m)) else se_m
-    se_d = 0.0 if se_d is None or (isinstance(se_d, float) and math.isnan(se_d)) else se_d
-    return m / d, math.sqrt((se_m / d) ** 2 + (m * se_d / d ** 2) ** 2)
+    from llmmem.results import read_jsonl_tolerant, safe_name
+
+    cache = cell.setdefault("_samples", {})
+    if task not in cache:
+        p = Path(cell["run_dir"]) / cell["path"] / f"samples_{safe_name(task)}.jsonl"
+        cache[task] = read_jsonl_tolerant(p) if p.is_file() else None
+    return cache[task]
+
+
+def retention_of(cells: list[dict], cell: dict, task: str, metric: str) -> dict:
+    """Chance-corrected retention of ``metric`` in ``cell`` against its dense cell, by a paired bootstrap over
+    docs (``llmmem.stats.retention``); undefined, with the reason, near chance or without per-doc values."""
+    from llmmem.stats import retention
+
+    d = dense_of(cells, cell)
+    if d is None:
+        return {"value": None, "defined": False, "reason": "no dense cell"}
+    rows, drows = samples_of(cell, task), samples_of(d, task)
+    if not rows or not drows or not any(r.get(metric) is not None for r in rows):
+        return {"value": None, "defined": False, "reason": f"{metric} has no per-doc values"}
+    return retention(rows, drows, metric, chance_of(cell["doc"], task, metric), seed=0)
+
+
+def family_tasks(cells: list[dict], cell: dict, pairs: list[tuple[str, str]]) -> dict:
+    """The mapping ``llmmem.stats.family_retention`` takes, for a family's (task, metric) pairs."""
+    d = dense_of(cells, cell)
+    out = {}
+    for task, metric in pairs:
+        rows, drows = samples_of(cell, task), (samples_of(d, task) if d else None)
+        if rows and drows and any(r.get(metric) is not None for r in rows):
+            out[task] = {"cell": rows, "dense": drows, "metric": metric, "chance": chance_of(cell["doc"], task, metric)}
+    return out
 
 
 def load_run(run_dir) -> list[dict]:
-    """Every finished cell of a run as a flat record (reads files only)."""
+    """Every finished cell of a run as a flat record, read from its config (never from its name).
+
+    ``group`` separates cells evaluated with different settings (tasks, limits, shots, backend): they are
+    reported apart, labelled, never mixed in one table. ``series`` is the chain with the last step's axis
+    value left out (``wanda``, ``npo -> rtn g32``), ``x`` that value (sparsity, bits, steps), ``base`` the
+    chain it extends (the dense model for one-step chains)."""
+    import json
+
     from llmmem.results import iter_cells
 
     cells = []
     for rel, doc in iter_cells(run_dir):
-        sweep = doc.get("sweep") or {}
-        pruning = doc.get("pruning") or {}
+        cfg = doc.get("cell_config") or {}
+        steps = (doc.get("cell") or {}).get("steps") or []
+        chain = cfg.get("chain") or []
+        group = json.dumps(cfg.get("eval") or {}, sort_keys=True)
+        last = steps[-1] if steps else None
+        series = " -> ".join([s["label"] for s in steps[:-1]] + ([last["series"]] if last else [])) or "dense"
         cells.append({
-            "path": rel, "doc": doc,
+            "path": rel, "doc": doc, "run_dir": str(run_dir),
             "model": (doc.get("model") or {}).get("name") or rel.split("/")[0],
             "seed": (doc.get("seeds") or {}).get("seed", 0),
-            "method": sweep.get("method") or pruning.get("method") or "dense",
-            "structure": sweep.get("structure") or pruning.get("structure") or "dense",
-            "profile": sweep.get("profile") or pruning.get("profile") or "uniform",
-            "sparsity": float(sweep.get("sparsity", pruning.get("target_sparsity") or 0.0) or 0.0),
-            "measured_sparsity": pruning.get("measured_sparsity", 0.0),
-            "label": sweep.get("label") or (f"{pruning['method']}-s{pruning.get('target_sparsity')}" if pruning else "dense"),
+            "label": (doc.get("cell") or {}).get("label") or "dense",
+            "steps": steps, "group": group,
+            "key": json.dumps(chain, sort_keys=True), "base": json.dumps(chain[:-1], sort_keys=True) if chain else None,
+            "series": series, "kind": last["kind"] if last else "dense",
+            "axis": last["axis"] if last else None,
+            "x": float(last["axis_value"]) if last and last.get("axis_value") is not None else 0.0,
+            "x_base": float(last.get("axis_base") or 0.0) if last else 0.0,
+            "measured_sparsity": (doc.get("pruning") or {}).get("measured_sparsity", 0.0),
         })
-    cells.sort(key=lambda c: (c["model"], c["seed"], c["method"] != "dense", c["method"], c["structure"],
-                              c["profile"], c["sparsity"]))
+    cells.sort(key=lambda c: (c["model"], c["group"], c["seed"], c["kind"] != "dense", c["series"], c["x"]))
     return cells
 
 
 def dense_of(cells: list[dict], cell: dict) -> dict | None:
+    """The dense cell of the same model, seed and evaluation settings."""
     for c in cells:
-        if c["method"] == "dense" and c["model"] == cell["model"] and c["seed"] == cell["seed"]:
+        if c["kind"] == "dense" and c["model"] == cell["model"] and c["seed"] == cell["seed"] and c["group"] == cell["group"]:
             return c
     return None
+
+
+def base_of(cells: list[dict], cell: dict) -> dict | None:
+    """The cell whose chain this cell's chain extends by one step (the dense cell for one-step chains)."""
+    if cell["base"] is None:
+        return None
+    for c in cells:
+        if c["key"] == cell["base"] and c["model"] == cell["model"] and c["seed"] == cell["seed"] \
+                and c["group"] == cell["group"]:
+            return c
+    return None
+
+
+def groups_of(cells: list[dict]) -> dict[tuple, list[dict]]:
+    """Cells by (model, evaluation settings)."""
+    out: dict = {}
+    for c in cells:
+        out.setdefault((c["model"], c["group"]), []).append(c)
+    return out
+
+
+def describe_group(group: str) -> str:
+    import json
+
+    ev = json.loads(group)
+    lim = ev.get("limit") or {}
+    lims = sorted({str(v) for v in lim.values()})
+    return (f"tasks {', '.join(ev.get('tasks', []))}; limit {'/'.join(lims) if lims else 'none'}; "
+            f"num_fewshot {ev.get('num_fewshot')}; backend {ev.get('backend')}"
+            + ("; chat template" if ev.get("apply_chat_template") else ""))
 
 
 def chance_of(doc: dict, task: str, metric: str) -> float:
@@ -107,7 +173,7 @@ def task_metrics(doc: dict) -> list[tuple[str, str, str]]:
         m = info.get("primary_metric")
         if m:
             out.append((task, m, info.get("suite", "")))
-        if "parametric" in (doc.get("results") or {}).get(task, {}) and m != "parametric":
+        if "parametric" in (doc.get("metrics") or {}).get(task, {}) and m != "parametric":
             out.append((task, "parametric", info.get("suite", "")))
     return out
 
@@ -117,41 +183,99 @@ def build_report(run_dir) -> str:
     if not cells:
         raise_empty(run_dir)
     lines = [f"# llmmem report: {run_dir}", ""]
-    for model in sorted({c["model"] for c in cells}):
-        mcells = [c for c in cells if c["model"] == model]
-        rows = []
-        for c in mcells:
-            for tm in task_metrics(c["doc"]):
-                if tm not in rows:
-                    rows.append(tm)
-        for title, normalised in (("absolute", False), ("normalised to dense", True)):
-            lines += [f"## {model} — {title}", ""]
-            if normalised:
-                lines += ["(metric - chance) / (dense - chance); '-' where the dense model is not above chance", ""]
-            lines.append("| task | metric | " + " | ".join(c["label"] + (f" (seed {c['seed']})" if len({x['seed'] for x in mcells}) > 1 else "")
-                                                        for c in mcells) + " |")
-            lines.append("|---|---|" + "---:|" * len(mcells))
-            for task, metric, _suite in rows:
-                vals = []
-                for c in mcells:
-                    res = c["doc"]["results"].get(task, {})
-                    m, se = res.get(metric), res.get(f"{metric}_stderr")
-                    if m is None:
-                        vals.append("-")
-                        continue
-                    if normalised:
-                        d = dense_of(cells, c)
-                        dres = d["doc"]["results"].get(task, {}) if d else {}
-                        r, rse = ratio_with_se(m, se, dres.get(metric), dres.get(f"{metric}_stderr"),
-                                               chance_of(c["doc"], task, metric))
-                        vals.append("-" if math.isnan(r) else f"{r:.2f} ± {_fmt(rse, 2)}")
-                    else:
-                        vals.append(f"{m:.3f} ± {_fmt(se, 3)}")
-                lines.append(f"| {task} | {metric} | " + " | ".join(vals) + " |")
-            lines.append("")
-        lines.append("measured sparsity: " + ", ".join(f"{c['label']}={c['measured_sparsity']:.3f}" for c in mcells))
-        lines.append("")
+    groups = groups_of(cells)
+    per_model: dict = {}
+    for (model, _g) in groups:
+        per_model[model] = per_model.get(model, 0) + 1
+    letters = {}
+    for (model, group), gcells in groups.items():
+        tag = ""
+        if per_model[model] > 1:
+            letters[model] = letters.get(model, 0) + 1
+            tag = f" [evaluation settings {chr(64 + letters[model])}: {describe_group(group)}]"
+        lines += _group_tables(model, tag, gcells, cells)
     return "\n".join(lines)
+
+
+def _group_tables(model: str, tag: str, mcells: list[dict], cells: list[dict]) -> list[str]:
+    lines = []
+    rows = []
+    for c in mcells:
+        for tm in task_metrics(c["doc"]):
+            if tm not in rows:
+                rows.append(tm)
+    seeds = len({x["seed"] for x in mcells}) > 1
+    undefined: dict = {}
+    for title, normalised in (("absolute", False), ("normalised to dense", True)):
+        lines += [f"## {model}{tag} — {title}", ""]
+        if normalised:
+            lines += ["(metric - chance) / (dense - chance) ± its standard error, from a paired bootstrap over docs "
+                      "(llmmem.stats.retention); '-' where it is undefined (reasons below the table)", ""]
+        lines.append("| task | metric | " + " | ".join(c["label"] + (f" (seed {c['seed']})" if seeds else "")
+                                                    for c in mcells) + " |")
+        lines.append("|---|---|" + "---:|" * len(mcells))
+        for task, metric, _suite in rows:
+            vals = []
+            for c in mcells:
+                res = c["doc"]["metrics"].get(task, {})
+                m, se = res.get(metric), res.get(f"{metric}_stderr")
+                if m is None:
+                    vals.append("-")
+                    continue
+                if normalised:
+                    r = retention_of(cells, c, task, metric)
+                    if r["defined"]:
+                        vals.append(f"{r['value']:.2f} ± {_fmt(r['stderr'], 2)}")
+                    else:
+                        vals.append("-")
+                        undefined.setdefault((task, metric), r["reason"])
+                else:
+                    vals.append(f"{m:.3f} ± {_fmt(se, 3)}")
+            lines.append(f"| {task} | {metric} | " + " | ".join(vals) + " |")
+        lines.append("")
+        if normalised and undefined:
+            lines += [f"- retention of {t} {m} undefined: {why}" for (t, m), why in undefined.items()] + [""]
+    lines += recall_vs_icl(cells, mcells)
+    pruned = [c for c in mcells if c["doc"].get("pruning")]
+    if pruned:
+        lines.append("measured sparsity: " + ", ".join(f"{c['label']}={c['measured_sparsity']:.3f}" for c in pruned))
+        lines.append("")
+    warned = [(c["label"], w) for c in mcells for w in (c["doc"].get("warnings") or [])]
+    for label, w in warned:
+        lines.append(f"- warning ({label}): {w}")
+    if warned:
+        lines.append("")
+    return lines
+
+
+def recall_vs_icl(cells: list[dict], mcells: list[dict]) -> list[str]:
+    """The headline's claim in words: at each point of each series, is closed-book retention below in-context
+    retention? (``llmmem.stats.retention_difference_test``: paired bootstrap within each task, one-sided p.)"""
+    from llmmem.stats import retention_difference_test
+
+    fams: dict = {"recall": [], "icl": []}
+    for c in mcells:
+        for task, metric, suite in task_metrics(c["doc"]):
+            if suite in fams and metric != "parametric" and (task, metric) not in fams[suite]:
+                fams[suite].append((task, metric))
+    if not fams["recall"] or not fams["icl"]:
+        return []
+    out = ["### closed-book recall vs in-context learning", "",
+           "Retention difference (closed-book - in-context), 95% interval, one-sided p for closed-book < in-context; "
+           "paired bootstrap over docs within each task.", "",
+           "| cell | closed-book | in-context | difference [95% CI] | p | closed-book below? |", "|---|---:|---:|---|---:|---|"]
+    for c in mcells:
+        if c["kind"] == "dense":
+            continue
+        t = retention_difference_test(family_tasks(cells, c, fams["recall"]), family_tasks(cells, c, fams["icl"]),
+                                      seed=0)
+        if not t["defined"]:
+            out.append(f"| {c['label']} | - | - | undefined: {t['reason']} | - | - |")
+            continue
+        below = "yes" if t["p_value"] < 0.05 else "no"
+        out.append(f"| {c['label']} | {t['closed_book']['value']:.2f} | {t['in_context']['value']:.2f} | "
+                   f"{t['difference']:+.2f} [{t['ci_low']:+.2f}, {t['ci_high']:+.2f}] | {t['p_value']:.3f} | {below} |")
+    return out + [""]
 
 
 def raise_empty(run_dir):

@@ -1,9 +1,15 @@
-"""Expand a SweepSpec into cells and run them: each model loaded once, dense weights restored in memory.
+"""Sweeps: a config -> a grid of cells (models x intervention chains x seeds, on tasks) -> run, resumable.
 
-Plan first (printed, with which cells are already done), then run. A cell is finished only when its
-``results.json`` exists (written last, atomically), so a killed sweep is resumed by running it again:
-finished cells are skipped, the interrupted one is redone. A lock file in the run directory keeps a
-second sweep out.
+Plan first (printed, with which cells are already done), then run. Every check that needs no model runs
+before the first model loads: models resolvable (a preset that builds locally, like the testbed, is built
+first, saying so), tasks and their data, every intervention spec, the backend, the run directory. A cell is
+finished only when its ``results.json`` exists (written last, atomically), so a killed sweep is resumed by
+running it again. A lock file keeps a second sweep out of the run directory.
+
+Chains come from the ``interventions:`` key (a list of stages; see ``llmmem/interventions``), or, for the
+pruning grid, from the flat keys ``methods`` x ``structures`` x ``sparsities`` x ``profiles``. Per model the
+cells run in an order where a chain's prefix comes before the chains that extend it, and the weights after a
+shared prefix (the dense model, an unlearned model) are kept in memory and restored, never recomputed.
 """
 
 from __future__ import annotations
@@ -14,83 +20,244 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmmem.config import ConfigError, ModelSpec, PruneSpec, SweepSpec, model_display_name, model_spec_from_args
-from llmmem.results import Cell, cell_name
+from llmmem.cells import Cell, EvalSpec
+from llmmem.config import (
+    ConfigError,
+    ModelSpec,
+    check_keys,
+    check_output_path,
+    load_config_doc,
+    model_spec_from_args,
+    parse_int,
+    parse_positive_int,
+)
+from llmmem.interventions import PrepareEnv, expand_stages, with_prefixes
+from llmmem.results import CellDir, check_run_record, read_cell
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".llmmem.lock"
+PRUNE_GRID_KEYS = ("methods", "structures", "sparsities", "profiles", "calibration", "nsamples", "seqlen")
+EVAL_KEYS = ("tasks", "limit", "num_fewshot", "backend", "apply_chat_template", "fewshot_as_multiturn",
+             "system_instruction", "gen_kwargs", "mia_reference", "predict_only", "track")
+EXECUTOR_KEYS = ("executor", "workers", "slurm")  # where cells run (llmmem/executors.py); not in any cell's identity
+SWEEP_KEYS = {"models", "model_args", "interventions", "seeds", "batch_size", "output_path", "include_path",
+              "description", "log_samples", "use_cache", *PRUNE_GRID_KEYS, *EVAL_KEYS, *EXECUTOR_KEYS}
 
 
 @dataclass
-class CellPlan:
-    model: str  # as given in the config
-    model_display: str
-    seed: int
-    prune: PruneSpec | None  # None: the dense baseline
-    config: dict
-    name: str
-    done: bool = False
-
-    @property
-    def method(self) -> str:
-        return self.prune.method if self.prune else "dense"
-
-    @property
-    def label(self) -> str:
-        if self.prune is None:
-            return "dense"
-        p = self.prune
-        prof = "" if p.profile == "uniform" else f"-{p.profile}"
-        return f"{p.method}-{p.structure}-s{p.sparsity:g}{prof}"
+class ModelEntry:
+    spec: ModelSpec
+    include_path: str | None = None
+    chains: list | None = None  # this model's own chains (else the sweep's)
 
 
-def _model_entries(spec: SweepSpec) -> list[tuple[str, str | dict]]:
+@dataclass
+class SweepSpec:
+    """A validated sweep: models x chains x seeds, each evaluated with one EvalSpec."""
+
+    models: list[ModelEntry]
+    chains: list
+    eval: EvalSpec
+    seeds: list[int]
+    batch_size: int = 8
+    output_path: str = "results/sweep"
+    include_path: str | None = None
+    description: str = ""
+    log_samples: bool = False
+    use_cache: str | None = None
+    warnings: list = field(default_factory=list)
+    doc: dict = field(default_factory=dict)
+    executor: object = None  # llmmem.executors.ExecutorSpec
+
+    def chains_for(self, entry: ModelEntry) -> list:
+        return self.chains if entry.chains is None else entry.chains
+
+
+def _models(doc: dict) -> list[ModelEntry]:
+    models = doc.get("models")
+    if not isinstance(models, list):
+        models = [models]
+    if not models or models == [None]:
+        raise ConfigError("sweep: 'models' is empty")
     out = []
-    for m in spec.models:
+    for m in models:
         if isinstance(m, dict):
+            check_keys("sweep: a models entry", m, {"name", "model_args"})
             if "name" not in m:
-                raise ConfigError(f"sweep: a model entry needs 'name': {m}")
-            out.append((str(m["name"]), m.get("model_args", spec.model_args)))
+                raise ConfigError(f"sweep: a models entry needs 'name': {m}")
+            out.append(ModelEntry(model_spec_from_args(str(m["name"]), m.get("model_args", doc.get("model_args")))))
+        elif isinstance(m, str) and m.strip():
+            out.append(ModelEntry(model_spec_from_args(m, doc.get("model_args"))))
         else:
-            out.append((str(m), spec.model_args))
+            raise ConfigError(f"sweep: models entry {m!r} is not a model name or path")
+    names = [e.spec.display_name for e in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup and len({json.dumps(e.spec.identity(), sort_keys=True) for e in out}) < len(out):
+        raise ConfigError(f"sweep: model {dup[0]!r} is listed twice")
     return out
 
 
-def plan(spec: SweepSpec, run_dir: Path) -> list[CellPlan]:
-    prunes = spec.prune_specs()
-    if spec.methods and not prunes:
-        raise ConfigError("sweep: the grid is empty: no pruning cell (check sparsities and structures)")
+def _stages(doc: dict) -> list:
+    """The ``interventions`` stages, or the one pruning stage of the flat keys."""
+    flat = {k: doc[k] for k in PRUNE_GRID_KEYS if k in doc}
+    if "interventions" in doc:
+        if flat:
+            raise ConfigError(f"sweep: {', '.join(sorted(flat))} cannot be combined with 'interventions'; put them "
+                              f"inside the prune stage (e.g. interventions: [{{prune: {{method: [wanda], sparsity: "
+                              f"[0.5]}}}}])")
+        stages = doc["interventions"]
+        if stages is None:
+            return []
+        return stages
+    methods = flat.get("methods", ["magnitude", "wanda"])
+    methods = methods if isinstance(methods, list) else [methods]
+    if not methods:
+        return []
+    stage = {"method": methods}
+    for key, field_ in (("structures", "structure"), ("sparsities", "sparsity"), ("profiles", "profile")):
+        if key in flat:
+            v = flat[key]
+            stage[field_] = v if isinstance(v, list) else [v]
+    stage.setdefault("sparsity", [0.5])
+    for key in ("calibration", "nsamples", "seqlen"):
+        if flat.get(key) is not None:
+            stage[key] = flat[key]
+    if not stage["sparsity"] and not any("unstructured" != str(s) for s in stage.get("structure", ["unstructured"])):
+        raise ConfigError("sweep: the grid is empty: no pruning cell (sparsities is empty)")
+    return [{"prune": stage}]
+
+
+def parse_sweep(doc: dict) -> SweepSpec:
+    """Validate a sweep config mapping (from YAML + overrides + flags) into a SweepSpec. Torch-free."""
+    if "models" not in doc:
+        raise ConfigError("sweep: missing required key 'models'")
+    if "tasks" not in doc:
+        raise ConfigError("sweep: missing required key 'tasks'")
+    models = _models(doc)
+    chains, warnings = expand_stages(_stages(doc), "interventions" if "interventions" in doc else "sweep")
+    ev = EvalSpec(**{k: doc[k] for k in EVAL_KEYS if k in doc})
+    if not ev.tasks:
+        raise ConfigError("sweep: 'tasks' is empty")
+    seeds = doc.get("seeds", [0])
+    seeds = seeds if isinstance(seeds, list) else [seeds]
+    if not seeds:
+        raise ConfigError("sweep: 'seeds' is empty; give at least one seed, e.g. seeds: [0]")
+    seeds = [parse_int("sweep: seed", s, minimum=0) for s in seeds]
+    if len(set(seeds)) < len(seeds):
+        raise ConfigError(f"sweep: seeds {seeds} lists a seed twice")
+    from llmmem.backends import BACKENDS
+    from llmmem.executors import parse_executor
+
+    BACKENDS.check(ev.backend)
+    executor = parse_executor(doc)
+    use_cache = doc.get("use_cache")
+    return SweepSpec(models=models, chains=chains, eval=ev, seeds=seeds,
+                     batch_size=parse_positive_int("batch_size", doc.get("batch_size", 8)),
+                     output_path=str(doc.get("output_path") or "results/sweep"),
+                     include_path=doc.get("include_path"), description=str(doc.get("description") or ""),
+                     log_samples=bool(doc.get("log_samples", False)), use_cache=str(use_cache) if use_cache else None,
+                     warnings=list(dict.fromkeys(warnings)), doc=doc, executor=executor)
+
+
+def load_sweep_spec(path: str | None, overrides: list[str] | None = None, **cli) -> SweepSpec:
+    """YAML file + ``key=value`` overrides (YAML-parsed values) + explicit CLI flags, validated."""
+    return parse_sweep(load_config_doc(path, "sweep", SWEEP_KEYS, ("models", "tasks"), overrides, cli))
+
+
+# ----------------------------------------------------------------------------- plan
+@dataclass
+class PlannedCell:
+    cell: Cell
+    entry: ModelEntry
+    done: bool = False
+    redo_reason: str = ""
+    failed: str = ""  # this command: the error line of a cell that raised (recorded in <run>/.failed/)
+    left: bool = False  # this command: held by another worker (of another command), left to it
+
+    @property
+    def model_display(self) -> str:
+        return self.cell.model.display_name
+
+    @property
+    def label(self) -> str:
+        return self.cell.label()
+
+    @property
+    def seed(self) -> int:
+        return self.cell.seed
+
+
+def prepare(spec: SweepSpec) -> dict:
+    """Everything that can be checked before a model loads. Returns {model display name: tasks}."""
+    from llmmem.backends import check_backend
+    from llmmem.evaluation import check_tasks, resolve_tasks
+    from llmmem.models import resolve
+    from llmmem.tasks import with_model_tasks
+
+    check_output_path("output_path", spec.output_path)
+    tasks_by_model = {}
+    for entry in spec.models:
+        name = entry.spec.name
+        if not Path(name).expanduser().exists():
+            resolve(entry.spec)  # unknown preset / hub id while offline -> ConfigError; builds a local preset once
+        entry.include_path = with_model_tasks(spec.include_path, [name])
+        tasks = resolve_tasks(spec.eval.tasks, entry.include_path)
+        check_tasks(tasks, spec.eval.limit_for)
+        tasks_by_model[entry.spec.display_name] = tasks
+        env = PrepareEnv(include_path=entry.include_path, model=name)
+        if spec.eval.track:
+            from llmmem.tracking import prepare_track
+
+            prepare_track(spec.eval.track, entry.include_path)
+        for chain in spec.chains_for(entry):
+            for step in chain:
+                step.intervention.prepare(step.spec, env)
+    check_backend(spec.eval.backend)
+    return tasks_by_model
+
+
+def plan(spec: SweepSpec, run_dir: Path) -> list[PlannedCell]:
     cells = []
-    for model, margs in _model_entries(spec):
-        mspec = model_spec_from_args(model, margs)
+    for entry in spec.models:
         for seed in spec.seeds:
-            for p in [None, *prunes]:
-                config = {
-                    "model": model, "model_args": {k: v for k, v in mspec.__dict__.items() if k != "name"},
-                    "backend": spec.backend, "seed": seed, "tasks": list(spec.tasks),
-                    "limit": {t: spec.limit_for(t) for t in spec.tasks}, "num_fewshot": spec.num_fewshot,
-                    "pruning": p.__dict__ if p else None,
-                }
-                disp = model_display_name(model)
-                name = cell_name(disp, config, p.method if p else "dense", p.structure if p else "unstructured",
-                                 p.sparsity if p else 0.0, None)
-                if p is not None and p.profile != "uniform":
-                    head, leaf = name.split("/")
-                    parts = leaf.rsplit("-", 1)
-                    name = f"{head}/{parts[0]}-{p.profile}-{parts[1]}"
-                cells.append(CellPlan(model, disp, seed, p, config, name, (run_dir / name / "results.json").is_file()))
+            for chain in with_prefixes(spec.chains_for(entry)):
+                cell = Cell(entry.spec, chain, spec.eval, seed)
+                pc = PlannedCell(cell, entry)
+                path = run_dir / cell.name() / "results.json"
+                pc.done = read_cell(path, strict=False) is not None
+                if path.exists() and not pc.done:
+                    pc.redo_reason = "its results.json does not read (corrupt or another schema): redone"
+                cells.append(pc)
     return cells
 
 
-def format_plan(cells: list[CellPlan]) -> str:
+def format_plan(cells: list[PlannedCell], warnings: list[str] | None = None) -> str:
     lines = [f"plan: {len(cells)} cells, {sum(c.done for c in cells)} already done"]
     for i, c in enumerate(cells, 1):
-        lines.append(f"  [{i:>3}] {'done' if c.done else 'todo'}  {c.model_display:<20} seed {c.seed}  {c.label}")
+        note = f"  ({c.redo_reason})" if c.redo_reason else ""
+        lines.append(f"  [{i:>3}] {'done' if c.done else 'todo'}  {c.model_display:<20} seed {c.seed}  {c.label}{note}")
+    for w in warnings or []:
+        lines.append(f"  warning: {w}")
     return "\n".join(lines)
+
+
+def check_old_layout(run_dir: Path) -> None:
+    """A run directory written before cells were chains is refused with a clear message."""
+    for path in Path(run_dir).glob("*/*/results.json"):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        from llmmem.results import SCHEMA_VERSION
+
+        if isinstance(doc, dict) and doc.get("schema_version") not in (None, SCHEMA_VERSION):
+            raise ConfigError(f"{run_dir} holds cells written by llmmem results schema {doc.get('schema_version')} "
+                              f"(e.g. {path.parent.relative_to(run_dir)}), before cells were intervention chains; "
+                              f"write this sweep into a new output_path")
 
 
 # ----------------------------------------------------------------------------- lock
@@ -145,130 +312,52 @@ class RunLock:
 
 
 # ----------------------------------------------------------------------------- run
-def _summary(results) -> str:
-    parts = []
-    for r in results:
-        m = r.primary_metric
-        if m and isinstance(r.metrics.get(m), float):
-            parts.append(f"{r.task}.{m}={r.metrics[m]:.3f}")
-    return " ".join(parts)
+def run_sweep(spec: SweepSpec, run_dir: Path | None = None, *, overwrite: bool = False, quiet: bool = False,
+              dry_run: bool = False, print_fn=print, threads: int | None = None) -> list[PlannedCell]:
+    """Plan, print the plan, then run the cells that are not done with the spec's executor
+    (``llmmem/executors.py``) under the run lock. Cells that fail are recorded and marked (``failed``),
+    the others still run."""
+    from llmmem.executors import ExecutorSpec, annotate_plan, check_environment, execute, plan_record
 
-
-def check_sweep(spec: SweepSpec) -> list:
-    """Everything that can be checked before a model loads: tasks, their data, models' sources."""
-    from llmmem.evaluation import resolve_tasks
-    from llmmem.models import resolve
-    from llmmem.pruning.calibration import check_source
-    from llmmem.tasks import with_model_tasks
-
-    tasks = resolve_tasks(spec.tasks, with_model_tasks(spec.include_path, [m for m, _ in _model_entries(spec)]))
-    for t in tasks:
-        t.docs(limit=spec.limit_for(t.name))
-    for model, margs in _model_entries(spec):
-        mspec = model_spec_from_args(model, margs)
-        if not Path(model).expanduser().exists():
-            resolve(mspec)  # unknown preset / hub id while offline -> ConfigError (fetches a preset once)
-    if any(p.needs_calibration for p in spec.prune_specs()):
-        check_source(spec.calibration)
-    from llmmem.backends import check_backend
-
-    check_backend(spec.backend)
-    return tasks
-
-
-def run_sweep(spec: SweepSpec, run_dir: Path, *, overwrite: bool = False, quiet: bool = False,
-              dry_run: bool = False, print_fn=print) -> list[CellPlan]:
-    run_dir = Path(run_dir)
-    tasks = check_sweep(spec)
+    run_dir = Path(run_dir or spec.output_path)
+    executor = spec.executor or ExecutorSpec()  # a spec built in code (e.g. durability): in this process
+    if not dry_run:
+        check_environment(executor)  # e.g. submitit and sbatch for executor slurm, before anything runs
+    prepare(spec)
+    check_old_layout(run_dir)
+    evals = {e.spec.display_name: {**spec.eval.canonical(), "model": e.spec.identity()} for e in spec.models}
+    check_run_record(run_dir, evals, write=False)
     cells = plan(spec, run_dir)
     if overwrite:
         for c in cells:
             c.done = False
-    print_fn(format_plan(cells))
+    annotate_plan(cells, run_dir)
+    print_fn(format_plan(cells, spec.warnings))
     if dry_run:
         return cells
     with RunLock(run_dir):
-        (run_dir / "sweep.json").write_text(json.dumps({"spec": spec.__dict__}, indent=1, default=str) + "\n")
-        by_model: dict[tuple, list[CellPlan]] = {}
+        check_run_record(run_dir, evals, write=True)
+        from llmmem.results import atomic_write_json
+
+        atomic_write_json(run_dir / "sweep.json", {"config": spec.doc, "warnings": spec.warnings,
+                                                    "cells": plan_record(cells)})
+        outcome = execute(spec, run_dir, cells, executor, overwrite=overwrite, quiet=quiet, threads=threads,
+                          print_fn=print_fn)
+    for c in cells:
+        name = c.cell.name()
+        if name in outcome.done:
+            c.done = True
+        elif name in outcome.failed:
+            c.failed = outcome.failed[name]
+        elif name in outcome.left:
+            c.left = True
+    for m in outcome.messages:
+        print_fn(m)
+    if outcome.submitted:  # a Slurm array not waited for: the cells not done are its to compute
         for c in cells:
-            by_model.setdefault((c.model, json.dumps(c.config["model_args"], sort_keys=True)), []).append(c)
-        total, k = len(cells), 0
-        for group in by_model.values():
-            todo = [c for c in group if not c.done]
-            k += len(group) - len(todo)
-            if not todo:
-                continue
-            k = _run_model(spec, run_dir, todo, tasks, overwrite, quiet, print_fn, k, total)
+            c.left = c.left or not c.done
     return cells
 
 
-def _run_model(spec, run_dir, todo, tasks, overwrite, quiet, print_fn, k, total) -> int:
-    import torch
-
-    from llmmem.backends import make_backend
-    from llmmem.evaluation import evaluate, write_cell
-    from llmmem.models import load_model, resolve_device
-    from llmmem.pruning import prune
-    from llmmem.pruning.calibration import load_calibration
-
-    t0 = time.time()
-    mspec = ModelSpec(name=todo[0].model, **todo[0].config["model_args"])
-    lm = load_model(mspec)
-    device = resolve_device(mspec.device)
-    # dense weights stay in memory (on the CPU when the model is on an accelerator) and are restored per cell
-    snapshot = {n: t.detach().to("cpu", copy=True) for n, t in lm.model.state_dict().items()}
-    load_seconds = round(time.time() - t0, 3)
-    backend = make_backend(spec.backend, lm, batch_size=spec.batch_size, quiet=quiet)
-    engine_dense = True  # an engine holding its own weights starts from the dense checkpoint
-    prunable = None
-    calibrations: dict = {}
-    limits = {t.name: spec.limit_for(t.name) for t in tasks}
-    for c in todo:
-        k += 1
-        tc = time.time()
-        with torch.no_grad():
-            state = lm.model.state_dict()
-            for n, t in snapshot.items():
-                state[n].copy_(t)
-        restore_seconds = time.time() - tc
-        torch.manual_seed(c.seed)
-        cell = Cell(run_dir, c.name).prepare(overwrite=True)  # not done, or --overwrite: clear leftovers
-        report, prune_seconds = None, 0.0
-        if c.prune is not None:
-            tp = time.time()
-            calib = None
-            if c.prune.needs_calibration:
-                key = (c.seed, c.prune.calibration, c.prune.nsamples, c.prune.seqlen)
-                if key not in calibrations:
-                    # from the dense model (restored above), once per model and seed
-                    calibrations[key] = load_calibration(c.prune.calibration, lm.model, lm.tokenizer, c.prune.nsamples,
-                                                         c.prune.seqlen, c.seed, batch_size=spec.batch_size, quiet=quiet)
-                calib = calibrations[key]
-            report = prune(lm.model, c.prune, calib, device=device, batch_size=spec.batch_size,
-                           offload=mspec.offload, quiet=quiet)
-            prune_seconds = time.time() - tp
-        engine_update = None
-        # a backend holding its own copy of the weights (a vLLM engine) gets the cell's weights pushed
-        if hasattr(backend, "update_weights") and (c.prune is not None or not engine_dense):
-            from llmmem.models import prunable_parameter_names
-
-            prunable = prunable or prunable_parameter_names(lm.model)
-            engine_update = backend.update_weights(lm.model, prunable)
-        engine_dense = c.prune is None
-        results = evaluate(backend, tasks, limit=limits, num_fewshot=spec.num_fewshot, seed=c.seed)
-        write_cell(cell, results, config=c.config,
-                   model={"name": lm.name, "source": lm.source.path, "fingerprint": lm.fingerprint},
-                   seeds={"seed": c.seed}, log_samples=False,
-                   extra={"pruning": report.to_dict() if report else None,
-                          "sweep": {"method": c.method, "sparsity": c.prune.sparsity if c.prune else 0.0,
-                                    "structure": c.prune.structure if c.prune else "dense",
-                                    "profile": c.prune.profile if c.prune else "uniform", "label": c.label}},
-                   timings={"load_seconds": load_seconds, "restore_seconds": round(restore_seconds, 4),
-                            "prune_seconds": round(prune_seconds, 3), "cell_seconds": round(time.time() - tc, 3),
-                            **({"engine_update": engine_update} if engine_update else {})})
-        c.done = True
-        print_fn(f"[{k}/{total}] {c.model_display} {c.label} seed {c.seed}: {_summary(results)} "
-                 f"({time.time() - tc:.1f}s)")
-        sys.stdout.flush()
-    del backend, lm, snapshot
-    return k
+def cell_dir(run_dir: Path, cell: Cell) -> CellDir:
+    return CellDir(run_dir, cell.name())

@@ -2,14 +2,26 @@
 
 Keys:
 
-``task`` (name), ``suite`` (recall | icl | extraction | mia), ``description``, ``data`` (jsonl path
-relative to the YAML, ``hf:PATH[:CONFIG[:SPLIT]]``, or for extraction ``{prefix_npy:, suffix_npy:}``),
-``doc_to_text`` and ``doc_to_target`` (templates over the row's fields: ``{{field}}``, dotted paths
-allowed), ``aliases`` (a field holding more accepted answers: a list, a JSON list string, or a dict
-with ``value``/``aliases``), ``num_fewshot``, ``fewshot_data`` (``same`` or a jsonl file; the scored
-row is never its own shot), ``target_delimiter``, ``fewshot_delimiter``, ``generation_kwargs``
-(``max_gen_toks``, ``until``), ``metric_list``, ``bucket_by``, ``filter`` ({field: [values]}),
-``metadata.version``, and suite options under ``options``.
+``task`` (name), ``suite`` (a registered suite: recall | icl | extraction | mia | ...), ``description``
+(what the task is, for people), ``data`` (jsonl path relative to the YAML, ``hf:PATH[:CONFIG[:SPLIT]]``,
+or for extraction ``{prefix_npy:, suffix_npy:}``), ``doc_to_text`` and ``doc_to_target`` (templates over
+the row's fields: ``{{field}}``, dotted paths allowed; a target that is one field holding a list is
+lm-eval's multiple targets: the first is the shot answer, any may match), ``aliases`` (a field holding
+more accepted answers: a list, a JSON list string, or a dict with ``value``/``aliases``), ``num_fewshot``,
+``fewshot_data`` (``same``, a jsonl file, or ``hf:...``), ``fewshot_config`` ({sampler: default |
+first_n}), ``prompt_description`` (lm-eval's ``description``: text before the shots),
+``target_delimiter``, ``fewshot_delimiter``, ``generation_kwargs`` (``max_gen_toks``, ``until``),
+``filter_list`` (lm-eval's response filters: remove_whitespace, take_first, regex, lowercase,
+uppercase), ``metric_list`` (names of llmmem metrics, or lm-eval's ``{metric: exact_match,
+ignore_case:, ignore_punctuation:, ignore_numbers:, regexes_to_ignore:}``), ``bucket_by``, ``filter``
+({field: [values]}), ``metadata.version``, and suite options under ``options``.
+
+Few-shot prompts follow lm-evaluation-harness exactly (``lm_eval/api/task.py`` ``fewshot_context``,
+``lm_eval/api/samplers.py`` ``ContextSampler``): one ``random.Random(fewshot_seed)`` per task run,
+and for each doc in data order ``sample(pool, num_fewshot + 1)``, the doc itself dropped, the first
+``num_fewshot`` kept (``first_n``: the first rows of the pool). The pool is the whole data set (or
+``fewshot_data``), never the ``--limit`` slice, so a doc's prompt depends only on the task, its
+position in the data, ``num_fewshot`` and the seed, and equals lm-eval's for the exported task.
 """
 
 from __future__ import annotations
@@ -20,17 +32,29 @@ import json
 import os
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
 from llmmem.config import ConfigError
 
-SUITES = ("recall", "icl", "extraction", "mia")
 _FIELD = re.compile(r"{{\s*([\w.]+)\s*}}")
 KNOWN_KEYS = {"task", "suite", "description", "data", "doc_to_text", "doc_to_target", "aliases", "num_fewshot",
-              "fewshot_data", "target_delimiter", "fewshot_delimiter", "generation_kwargs", "metric_list",
-              "bucket_by", "bucket_bins", "filter", "metadata", "options", "id_field", "tag", "source", "chance"}
+              "fewshot_data", "fewshot_config", "prompt_description", "target_delimiter", "fewshot_delimiter",
+              "generation_kwargs", "filter_list", "metric_list", "bucket_by", "bucket_bins", "filter", "metadata",
+              "options", "id_field", "tag", "source", "chance"}
+SAMPLERS = ("default", "first_n")
+# lm-eval's default fewshot_random_seed (lm_eval/evaluator.py simple_evaluate): llmmem's --seed S samples shots
+# with seed 1234 + S, so the default run of an exported task under `lm_eval` draws the same shots.
+FEWSHOT_SEED_OFFSET = 1234
+FILTERS = ("remove_whitespace", "take_first", "regex", "lowercase", "uppercase")
+LM_EVAL_EM_KEYS = {"metric", "aggregation", "higher_is_better", "ignore_case", "ignore_punctuation", "ignore_numbers",
+                   "regexes_to_ignore"}
+
+
+def fewshot_seed(seed: int) -> int:
+    """The few-shot sampler's seed for llmmem's ``--seed`` (lm-eval's ``fewshot_random_seed``)."""
+    return FEWSHOT_SEED_OFFSET + int(seed)
 
 
 def template_fields(template: str) -> list[str]:
@@ -72,10 +96,14 @@ class Task:
     aliases: str | None = None
     num_fewshot: int = 0
     fewshot_data: str = "same"
+    fewshot_sampler: str = "default"  # lm-eval's fewshot_config.sampler: default | first_n
+    prompt_description: str = ""  # lm-eval's `description`: put before the shots
     target_delimiter: str = " "
     fewshot_delimiter: str = "\n\n"
     generation_kwargs: dict = field(default_factory=dict)
-    metric_list: list = field(default_factory=list)
+    filter_list: list = field(default_factory=list)  # [(function, kwargs)], lm-eval's one filter pipeline
+    metric_list: list = field(default_factory=list)  # metric names (the first is the primary metric)
+    metric_options: dict = field(default_factory=dict)  # {name: lm-eval metric kwargs} for lm-eval-form metrics
     bucket_by: str | None = None
     bucket_bins: list | None = None  # numeric edges: values are reported as "[lo, hi)" buckets
     filter: dict = field(default_factory=dict)
@@ -108,7 +136,16 @@ class Task:
             r.setdefault("_row", i)
         return rows
 
+    def with_data(self, data=None, fewshot_data=None) -> Task:
+        """A copy of the task reading other data (e.g. fixture files in the upstream format)."""
+        return replace(self, data=self.data if data is None else data,
+                       fewshot_data=self.fewshot_data if fewshot_data is None else str(fewshot_data))
+
     def docs(self, data=None, limit: int | None = None) -> list[dict]:
+        """The evaluation docs in data order (``filter`` applied), the first ``limit`` of them.
+
+        Each row gets ``_index``, its position among all the docs; the whole list is kept for
+        :meth:`prompts`, whose shots never depend on ``limit``."""
         rows = self.load_rows(data)
         for key, allowed in (self.filter or {}).items():
             allowed = allowed if isinstance(allowed, list) else [allowed]
@@ -116,6 +153,9 @@ class Task:
         if not rows:
             raise ConfigError(f"task {self.name}: dataset is empty after filtering ({self.filter or 'no filter'})")
         self.check_rows(rows)
+        for i, r in enumerate(rows):
+            r["_index"] = i
+        self._all_docs = rows
         if limit is not None:
             rows = rows[:limit]
         return rows
@@ -161,11 +201,32 @@ class Task:
         return f">={lo:g}"
 
     # ------------------------------------------------------------------ prompts
+    def targets(self, row: dict) -> list[str]:
+        """The row's targets as lm-eval reads ``doc_to_target``: a template that is one field holding a list
+        gives that list (lm-eval's multiple targets), anything else one rendered string."""
+        fields = template_fields(self.doc_to_target)
+        if len(fields) == 1 and self.doc_to_target.strip() == "{{" + fields[0] + "}}":
+            value = _safe_lookup(row, fields[0])
+            if isinstance(value, list):
+                if not value:
+                    raise ConfigError(f"{self._where()} row {row.get('_row', 0) + 1}: target field "
+                                      f"{fields[0]!r} is an empty list")
+                return [str(v) for v in value]
+        return [render(self.doc_to_target, row, self._where())]
+
+    def shot_target(self, row: dict) -> str:
+        """The answer written after a shot (lm-eval: the first target, as rendered)."""
+        return self.targets(row)[0]
+
     def target(self, row: dict) -> str:
-        return render(self.doc_to_target, row, self._where()).strip()
+        return self.shot_target(row).strip()
 
     def answers(self, row: dict) -> list[str]:
-        out = [self.target(row)] if self.doc_to_target else []
+        out = []
+        if self.doc_to_target:
+            for t in self.targets(row):
+                if t.strip() not in out:
+                    out.append(t.strip())
         if self.aliases:
             extra = _safe_lookup(row, self.aliases)
             if isinstance(extra, str):
@@ -181,28 +242,60 @@ class Task:
         return out
 
     def fewshot_pool(self, rows: list[dict]) -> list[dict]:
+        """Where shots come from: ``rows`` (all the docs) for ``same``, else the ``fewshot_data`` rows."""
         if self.fewshot_data in (None, "", "same"):
             return rows
-        pool = read_jsonl(self._resolve(self.fewshot_data))
+        src = str(self.fewshot_data)
+        cached = getattr(self, "_pool_cache", None)
+        if cached is not None and cached[0] == src:
+            return cached[1]
+        pool = _hf_rows(src) if src.startswith("hf:") else read_jsonl(self._resolve(src))
+        if not pool:
+            raise ConfigError(f"task {self.name}: fewshot_data {src} has no rows")
         for i, r in enumerate(pool):
             r.setdefault("_row", i)
+        self._pool_cache = (src, pool)
         return pool
 
-    def prompt(self, row: dict, pool: list[dict], num_fewshot: int, seed: int) -> str:
-        """lm-eval layout: shots (text + delimiter + target) joined by the fewshot delimiter, then the doc."""
-        body = render(self.doc_to_text, row, self._where())
+    def render_prompt(self, row: dict, shots: list[dict]) -> str:
+        """lm-eval's plain-text layout: description, then per shot text + target delimiter + target + fewshot
+        delimiter, then the doc's text (``fewshot_context`` / ``build_qa_turn``)."""
+        where = self._where()
+        parts = [render(self.doc_to_text, s, where) + self.target_delimiter + self.shot_target(s) for s in shots]
+        description = render(self.prompt_description, row, where)  # lm-eval renders it as a template too
+        return description + self.fewshot_delimiter.join(parts + [render(self.doc_to_text, row, where)])
+
+    def prompts(self, docs: list[dict], num_fewshot: int, seed: int) -> list[str]:
+        """Each doc's prompt with ``num_fewshot`` shots drawn as lm-eval draws them (seed ``fewshot_seed(seed)``).
+
+        The sampler is replayed over all the docs in data order up to the last one asked for, so the
+        prompt of a doc is the same whatever ``--limit`` cut the list."""
         if num_fewshot <= 0:
-            return body
-        me = self.doc_id(row)
-        same = self.fewshot_data in (None, "", "same")
-        candidates = [r for r in pool if r is not row and not (same and self.doc_id(r) == me)]
-        if num_fewshot > len(candidates):
-            raise ConfigError(f"task {self.name}: --num_fewshot {num_fewshot} is larger than the shot pool "
-                              f"({len(candidates)} rows)")
-        rng = random.Random(f"{seed}:{self.name}:{me}")
-        shots = rng.sample(candidates, num_fewshot)
-        parts = [render(self.doc_to_text, s, self._where()) + self.target_delimiter + self.target(s) for s in shots]
-        return self.fewshot_delimiter.join(parts + [body])
+            return [self.render_prompt(d, []) for d in docs]
+        full = getattr(self, "_all_docs", None) or []
+
+        def known(d):
+            i = d.get("_index")
+            return isinstance(i, int) and i < len(full) and (full[i] is d or _content(full[i]) == _content(d))
+
+        if docs and all(known(d) for d in docs):
+            positions = [d["_index"] for d in docs]
+        else:  # not rows of docs(): the given list is taken as the whole evaluation set
+            full, positions = docs, list(range(len(docs)))
+        pool = self.fewshot_pool(full)
+        sampler = FewshotSampler(pool, fewshot_seed(seed), self.fewshot_sampler, self.name)
+        sampler.check(num_fewshot)
+        wanted = set(positions)
+        shots_at = {}
+        for j in range(max(positions) + 1):
+            shots = sampler.sample(num_fewshot, full[j])
+            if j in wanted:
+                shots_at[j] = shots
+        return [self.render_prompt(d, shots_at[j]) for d, j in zip(docs, positions)]
+
+    def prompt(self, row: dict, pool=None, num_fewshot: int = 0, seed: int = 0) -> str:
+        """One doc's prompt (see :meth:`prompts`; ``pool`` is ignored: the pool comes from the task)."""
+        return self.prompts([row], num_fewshot, seed)[0]
 
     def content_hash(self) -> str:
         """Hash of the YAML and its local data files (for results)."""
@@ -212,6 +305,59 @@ class Task:
             if p.is_file():
                 h.update(p.read_bytes())
         return h.hexdigest()[:16]
+
+
+def _content(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("_")}
+
+
+class FewshotSampler:
+    """lm-eval's few-shot samplers (``lm_eval/api/samplers.py``), re-implemented.
+
+    ``default`` (``ContextSampler.sample`` with the eval doc): ``rnd.sample(pool, n + 1)``, drop every
+    row equal to the doc, keep the first ``n``; if fewer than ``n`` remain (the doc was drawn twice),
+    ``rnd.sample(pool without the doc, n)``. ``first_n`` (``FirstNSampler``): the first ``n`` rows of the
+    pool without the doc. One ``random.Random(seed)`` serves every doc of a run, in data order
+    (``Task.set_fewshot_seed`` then ``build_all_requests``). lm-eval passes the eval doc whenever the
+    few-shot split is the evaluation split, or neither is declared (its hub tasks): llmmem always does.
+    Rows are compared by content (llmmem's own ``_`` bookkeeping keys left out), as lm-eval's ``!=``.
+    """
+
+    def __init__(self, pool: list[dict], seed: int, kind: str = "default", task: str = ""):
+        self.pool = pool
+        self.rnd = random.Random(seed)
+        self.kind = kind
+        self.task = task
+
+    def check(self, n: int) -> None:
+        need = n + 1 if self.kind == "default" else n
+        if need > len(self.pool):
+            raise ConfigError(f"task {self.task}: --num_fewshot {n} is larger than the shot pool allows "
+                              f"({len(self.pool)} rows; the {self.kind} sampler needs {need})")
+
+    def sample(self, n: int, doc: dict) -> list[dict]:
+        if n <= 0:
+            return []
+        me = _content(doc)
+        if self.kind == "first_n":
+            res = []
+            for x in self.pool:
+                if _content(x) != me:
+                    res.append(x)
+                    if len(res) == n:
+                        break
+        else:
+            res = [x for x in self.rnd.sample(self.pool, n + 1) if _content(x) != me][:n]
+            if len(res) < n:
+                rest = [x for x in self.pool if _content(x) != me]
+                if len(rest) < n:
+                    raise ConfigError(f"task {self.task}: --num_fewshot {n} is larger than the shot pool without "
+                                      f"the doc ({len(rest)} rows)")
+                res = self.rnd.sample(rest, n)
+        if len(res) < n:
+            raise ConfigError(f"task {self.task}: --num_fewshot {n} is larger than the shot pool without the doc "
+                              f"({len(res)} rows)")
+        return res
 
 
 def _local_files(data) -> list[str]:
@@ -349,21 +495,76 @@ def load_task_file(path: Path) -> Task:
     for key in ("task", "suite", "data"):
         if key not in doc:
             raise ConfigError(f"{path}: missing required key {key!r}")
-    if doc["suite"] not in SUITES:
-        raise ConfigError(f"{path}: unknown suite {doc['suite']!r}; choose from: {', '.join(SUITES)}")
+    from llmmem.suites import SUITES  # the registry (lazy entries: no suite module, no torch, is imported)
+
+    try:
+        SUITES.check(str(doc["suite"]))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     gen = dict(doc.get("generation_kwargs") or {})
     meta = doc.get("metadata") or {}
+    metrics, metric_options = _metric_list(doc.get("metric_list"), path)
     return Task(
         name=str(doc["task"]), suite=doc["suite"], path=path, description=str(doc.get("description", "")).strip(),
         data=doc["data"], doc_to_text=doc.get("doc_to_text", ""), doc_to_target=doc.get("doc_to_target", ""),
         aliases=doc.get("aliases"), num_fewshot=int(doc.get("num_fewshot", 0)),
-        fewshot_data=doc.get("fewshot_data", "same"), target_delimiter=doc.get("target_delimiter", " "),
+        fewshot_data=doc.get("fewshot_data", "same"), fewshot_sampler=_sampler(doc.get("fewshot_config"), path),
+        prompt_description=str(doc.get("prompt_description") or ""),
+        target_delimiter=doc.get("target_delimiter", " "),
         fewshot_delimiter=doc.get("fewshot_delimiter", "\n\n"), generation_kwargs=gen,
-        metric_list=list(doc.get("metric_list") or []), bucket_by=doc.get("bucket_by"),
+        filter_list=_filter_list(doc.get("filter_list"), path),
+        metric_list=metrics, metric_options=metric_options, bucket_by=doc.get("bucket_by"),
         bucket_bins=doc.get("bucket_bins"),
         filter=dict(doc.get("filter") or {}), version=meta.get("version", 0), options=dict(doc.get("options") or {}),
         id_field=doc.get("id_field"), chance=_chance(doc.get("chance"), path), raw=doc,
     )
+
+
+def _sampler(cfg, path) -> str:
+    if cfg is None:
+        return "default"
+    if not isinstance(cfg, dict) or set(cfg) - {"sampler"}:
+        raise ConfigError(f"{path}: fewshot_config must be a mapping with the key sampler (one of: {', '.join(SAMPLERS)})")
+    name = str(cfg.get("sampler", "default"))
+    if name not in SAMPLERS:
+        raise ConfigError(f"{path}: fewshot_config.sampler {name!r} is not supported; choose from: {', '.join(SAMPLERS)}")
+    return name
+
+
+def _filter_list(value, path) -> list:
+    """lm-eval's ``filter_list`` with one pipeline -> [(function, kwargs)]."""
+    if not value:
+        return []
+    if not isinstance(value, list) or len(value) != 1 or not isinstance(value[0], dict) \
+            or not isinstance(value[0].get("filter"), list):
+        raise ConfigError(f"{path}: filter_list must hold one pipeline {{name:, filter: [{{function: ...}}]}}")
+    steps = []
+    for step in value[0]["filter"]:
+        fn = step.get("function") if isinstance(step, dict) else None
+        if fn not in FILTERS:
+            raise ConfigError(f"{path}: filter function {fn!r} is not supported; choose from: {', '.join(FILTERS)}")
+        steps.append((fn, {k: v for k, v in step.items() if k != "function"}))
+    return steps
+
+
+def _metric_list(value, path) -> tuple[list, dict]:
+    """Metric names, and lm-eval metric kwargs for entries written in lm-eval's form (``{metric: exact_match, ...}``)."""
+    names, options = [], {}
+    for entry in value or []:
+        if isinstance(entry, str):
+            names.append(entry)
+            continue
+        if not isinstance(entry, dict) or "metric" not in entry:
+            raise ConfigError(f"{path}: metric_list entries are names or {{metric: NAME, ...}}; got {entry!r}")
+        name = str(entry["metric"])
+        extra = sorted(set(entry) - LM_EVAL_EM_KEYS)
+        if name != "exact_match" or extra:
+            raise ConfigError(f"{path}: metric {entry!r}: the lm-eval form supports exact_match with "
+                              f"{', '.join(sorted(LM_EVAL_EM_KEYS - {'metric'}))}")
+        names.append(name)
+        options[name] = {k: entry[k] for k in ("ignore_case", "ignore_punctuation", "ignore_numbers",
+                                               "regexes_to_ignore") if k in entry}
+    return names, options
 
 
 def _chance(value, path) -> dict:

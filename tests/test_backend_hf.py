@@ -138,3 +138,89 @@ def test_results_in_request_order_with_mixed_lengths():
 def test_truncate_at_stops():
     assert truncate_at_stops("Paris.\nQ: next", ["\n", "Q:"]) == "Paris."
     assert truncate_at_stops("abc", []) == "abc"
+
+
+# ------------------------------------------------------------------ long requests (nothing cut silently)
+def lm_eval_rolling_windows(token_list, prefix_token, max_seq_len, context_len=1):
+    """lm_eval/utils.py get_rolling_token_windows + make_disjoint_window, re-implemented from the source."""
+    pred_len = max_seq_len - context_len + 1
+    predicted = 0
+    first_seq_len = min(max_seq_len, len(token_list))
+    windows = [([prefix_token] + token_list[: first_seq_len - 1], token_list[:first_seq_len])]
+    predicted += first_seq_len
+    while predicted < len(token_list):
+        window_pred_len = min(len(token_list) - predicted, pred_len)
+        window_end = predicted + window_pred_len
+        windows.append((token_list[window_end - max_seq_len - 1: window_end - 1],
+                        token_list[window_end - window_pred_len: window_end]))
+        predicted += window_pred_len
+    return [(a[: len(a) - (len(b) - 1)], b) for a, b in windows]  # make_disjoint_window
+
+
+def lm_eval_window_logprob(model, ctx, cont, max_length):
+    """lm_eval/models/huggingface.py HFLM._loglikelihood_tokens for one pair: the model reads
+    (ctx + cont)[-(max_length + 1):][:-1] and the last len(cont) logits score cont."""
+    inp = (ctx + cont)[-(max_length + 1):][:-1]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([inp])).logits[0].float(), -1)
+    logp = logp[len(inp) - len(cont):]
+    return [float(logp[i, t]) for i, t in enumerate(cont)]
+
+
+LONG_TEXT = " ".join(tiny.CORPUS) * 5
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_long_texts_scored_in_lm_eval_rolling_windows(bos):
+    b = backend("llama", bos=bos)
+    L = b.max_length
+    toks = b.encode(LONG_TEXT, add_special_tokens=False)
+    assert len(toks) > 2 * L  # three windows at least
+    windows = lm_eval_rolling_windows(toks, b.prefix_id, L)
+    expected = [lp for ctx, cont in windows for lp in lm_eval_window_logprob(b.model, ctx, cont, L)]
+    rolling = b.loglikelihood_rolling([RollingRequest(text=LONG_TEXT), RollingRequest(text="In the beginning")])
+    assert rolling[0].n_tokens == len(toks) and rolling[0].truncated and not rolling[1].truncated
+    assert math.isclose(rolling[0].logprob, sum(expected), rel_tol=1e-5, abs_tol=1e-3)
+    # a loglikelihood request with a continuation longer than the model: the same windows, every token scored
+    res = b.loglikelihood([LoglikelihoodRequest(context_ids=[b.prefix_id], continuation_ids=toks, token_logprobs=True),
+                           LoglikelihoodRequest(context="In the", continuation=" beginning")])
+    assert res[0].truncated and not res[1].truncated
+    assert res[0].n_tokens == len(toks) == len(res[0].token_logprobs) and res[0].continuation_ids == toks
+    assert max(abs(a - c) for a, c in zip(res[0].token_logprobs, expected)) < 1e-3
+    assert math.isclose(res[0].logprob, sum(expected), rel_tol=1e-5, abs_tol=1e-3)
+
+
+def test_long_context_left_truncated_as_lm_eval():
+    b = backend("gpt2", bos=False)
+    ctx = b.encode(LONG_TEXT)
+    cont = b.encode(" Paris and Tokyo", add_special_tokens=False)
+    res = b.loglikelihood([LoglikelihoodRequest(context_ids=ctx, continuation_ids=cont, token_logprobs=True)])[0]
+    assert res.truncated and res.n_tokens == len(cont)
+    expected = lm_eval_window_logprob(b.model, ctx, cont, b.max_length)
+    assert max(abs(a - c) for a, c in zip(res.token_logprobs, expected)) < 1e-4
+
+
+def test_no_pair_longer_than_the_model_reaches_the_forward():
+    """hf.py cuts (ctx + cont)[-(L + 1):]; base.py's windows must make that cut a no-op."""
+    b = backend("llama")
+    seen = []
+    real = b._loglikelihood_tokens
+
+    def spy(pairs, *args, **kwargs):
+        seen.extend(len(c) + len(x) for c, x in pairs)
+        return real(pairs, *args, **kwargs)
+
+    b._loglikelihood_tokens = spy
+    toks = b.encode(LONG_TEXT)
+    b.loglikelihood([LoglikelihoodRequest(context_ids=toks[:1], continuation_ids=toks[1:], windows=w)
+                     for w in ("rolling", "strided")])
+    b.loglikelihood_rolling([RollingRequest(text=LONG_TEXT)])
+    assert len(seen) > 6 and max(seen) <= b.max_length + 1
+
+
+def test_generation_prompt_truncation_is_flagged():
+    b = backend("llama")
+    long = GenerateRequest(context=LONG_TEXT, max_gen_toks=8)
+    short = GenerateRequest(context="The capital of", max_gen_toks=8)
+    assert b.prompt_truncated(long) and not b.prompt_truncated(short)
+    assert len(b.prompt_ids(long)) == b.max_length - 8

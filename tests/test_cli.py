@@ -95,6 +95,7 @@ def test_batch_size_zero(capsys, llama_dir):
 
 def test_argparse_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as e:
-        run_cli(["generate", "--prompt", "x"])
+        run_cli(["generate", "--model", "m"])  # --prompt missing
     assert e.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    _bad(["generate", "--prompt", "x"], capsys, "no model given", "--model", "pretrained=")

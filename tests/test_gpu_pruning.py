@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmmem.config import PruneSpec
 from llmmem.models import decoder_blocks
 from llmmem.pruning import prune
 from llmmem.pruning.calibration import Calibration
+from llmmem.pruning.spec import PruneSpec
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import tiny
-from llmmem.config import PruneSpec
 from llmmem.pruning import prune
 from llmmem.pruning.calibration import Calibration
 from llmmem.pruning.masks import row_mask, threshold_mask
 from llmmem.pruning.sparsegpt import HessianStats, full_fp32_matmul, sparsegpt_reconstruct
+from llmmem.pruning.spec import PruneSpec
 
 
 def _sort_row_mask(scores, sparsity):  # the reference (Wanda lib/prune.py)

@@ -1,17 +1,64 @@
-import math
+"""The report's retention: a paired bootstrap over the docs of the cell and its dense cell, undefined (never a
+number) near chance, and the recall-vs-ICL statement computed from the same per-doc rows."""
+
+import json
 
 import pytest
 
-from llmmem.report import ratio_with_se
+from llmmem.report import build_report, load_run, retention_of
+from llmmem.results import CellDir
+from llmmem.stats import retention
 
 
-def test_retention_is_chance_corrected():
-    r, se = ratio_with_se(0.30, 0.0, 0.50, 0.0)
-    assert r == pytest.approx(0.6) and se == 0
-    r, _ = ratio_with_se(0.30, 0.0, 0.50, 0.0, chance=0.25)  # (0.30-0.25)/(0.50-0.25)
-    assert r == pytest.approx(0.2)
-    r, _ = ratio_with_se(0.50, 0.0, 0.50, 0.0, chance=0.5)  # dense at chance: says nothing
-    assert math.isnan(r)
-    # delta method: se_r^2 = (se_m/d)^2 + (m se_d / d^2)^2
-    r, se = ratio_with_se(0.4, 0.04, 0.8, 0.08)
-    assert r == pytest.approx(0.5) and se == pytest.approx(math.sqrt(0.05 ** 2 + 0.05 ** 2))
+def _cell(run, name, label, chain, rows_by_task, chance=None, suites=None):
+    cd = CellDir(run, f"m/{name}").prepare()
+    for task, rows in rows_by_task.items():
+        cd.write_samples(task, rows)
+    metrics = {t: {"exact_match": sum(r["exact_match"] for r in rows) / len(rows), "exact_match_stderr": 0.1}
+               for t, rows in rows_by_task.items()}
+    steps = [{"kind": "prune", "label": label, "series": "wanda", "spec": {}, "axis": "sparsity",
+              "axis_value": 0.5, "axis_base": 0.0}] if chain else []
+    cd.finish({"cell_config": {"chain": chain, "eval": {"tasks": list(rows_by_task)}, "seed": 0},
+               "cell": {"label": label, "steps": steps}, "model": {"name": "m"}, "metrics": metrics,
+               "n_samples": {t: len(r) for t, r in rows_by_task.items()}, "seeds": {"seed": 0},
+               "tasks": {t: {"suite": (suites or {}).get(t, "recall"), "primary_metric": "exact_match",
+                             "chance": {"exact_match": (chance or {}).get(t, 0.0)}} for t in rows_by_task}})
+
+
+def _rows(values):
+    return [{"id": str(i), "exact_match": float(v)} for i, v in enumerate(values)]
+
+
+def test_report_retention_is_the_paired_bootstrap(tmp_path):
+    dense = [1, 1, 1, 1, 0, 1, 1, 0, 1, 1] * 4
+    pruned = [1, 0, 1, 0, 0, 1, 0, 0, 1, 0] * 4
+    assoc = [1 if i % 5 == 0 else 0 for i in range(40)]  # dense at chance (0.2) for a 5-way task
+    _cell(tmp_path, "dense-1", "dense", [], {"capitals": _rows(dense), "assoc": _rows(assoc)},
+          chance={"assoc": 0.2}, suites={"assoc": "icl"})
+    _cell(tmp_path, "wanda-2", "wanda-unstructured-s0.5", [{"kind": "prune"}],
+          {"capitals": _rows(pruned), "assoc": _rows(assoc[::-1])}, chance={"assoc": 0.2}, suites={"assoc": "icl"})
+    cells = load_run(tmp_path)
+    c = next(x for x in cells if x["kind"] != "dense")
+    r = retention_of(cells, c, "capitals", "exact_match")
+    expected = retention(_rows(pruned), _rows(dense), "exact_match", 0.0, seed=0)
+    assert r == expected and r["value"] == pytest.approx(16 / 32)
+    a = retention_of(cells, c, "assoc", "exact_match")
+    assert not a["defined"] and a["value"] is None and "chance" in a["reason"]
+    report = build_report(tmp_path)
+    line = next(ln for ln in report.splitlines() if ln.startswith("| capitals |") and "±" in ln and "0.50" in ln)
+    assert f"{expected['value']:.2f} ± {expected['stderr']:.2f}" in line
+    assoc_norm = [ln for ln in report.splitlines() if ln.startswith("| assoc |")][1]
+    assert assoc_norm.endswith("| - | - |")  # undefined, a gap: never a number
+    assert "retention of assoc exact_match undefined" in report
+    assert "closed-book recall vs in-context learning" in report
+
+
+def test_unreadable_samples_do_not_become_numbers(tmp_path):
+    _cell(tmp_path, "dense-1", "dense", [], {"capitals": _rows([1, 0] * 10)})
+    _cell(tmp_path, "wanda-2", "wanda-unstructured-s0.5", [{"kind": "prune"}], {"capitals": _rows([1, 0] * 10)})
+    (tmp_path / "m" / "wanda-2" / "samples_capitals.jsonl").unlink()
+    cells = load_run(tmp_path)
+    c = next(x for x in cells if x["kind"] != "dense")
+    r = retention_of(cells, c, "capitals", "exact_match")
+    assert not r["defined"] and "per-doc" in r["reason"]
+    json.dumps(r)

@@ -5,63 +5,76 @@ import sys
 
 import pytest
 
+from llmmem.config import ConfigError
 from llmmem.results import (
-    Cell,
+    SCHEMA_VERSION,
+    CellDir,
     CellExistsError,
+    append_jsonl,
+    atomic_directory,
     atomic_write_text,
-    cell_name,
-    config_hash,
     environment,
     iter_cells,
+    read_jsonl_tolerant,
     validate_results,
 )
 
 
 def payload(**extra):
-    d = {"config": {"model": "m", "seed": 0}, "model": {"name": "m", "fingerprint": "abc"},
-         "results": {"t": {"acc": 0.5, "acc_stderr": 0.1}}, "n_samples": {"t": 10}, "seeds": {"seed": 0}}
+    d = {"cell_config": {"model": "m", "seed": 0}, "model": {"name": "m", "fingerprint": "abc"},
+         "metrics": {"t": {"acc": 0.5, "acc_stderr": 0.1}}, "n_samples": {"t": 10}, "seeds": {"seed": 0}}
     d.update(extra)
     return d
 
 
-def test_cell_name_layout():
-    name = cell_name("HuggingFaceTB/SmolLM2", {"a": 1}, "wanda", "2:4", 0.5)
-    model, leaf = name.split("/")
-    assert model == "HuggingFaceTB__SmolLM2"
-    assert leaf.startswith("wanda-2of4-s0.5-") and len(leaf.split("-")[-1]) == 8
-    assert cell_name("m", {"a": 1}) != cell_name("m", {"a": 2})
-    assert cell_name("m", {}, "dense", sparsity=0.0).split("/")[1].startswith("dense-unstructured-s0-")
-    assert "-npo-" in cell_name("m", {}, "wanda", sparsity=0.3, unlearn="npo")
-    assert config_hash({"b": 1, "a": 2}) == config_hash({"a": 2, "b": 1})
-
-
 def test_finish_writes_schema_and_refuses_overwrite(tmp_path):
-    cell = Cell(tmp_path, "m/dense-unstructured-s0-12345678").prepare()
+    cell = CellDir(tmp_path, "m/dense-12345678").prepare()
     assert not cell.done
     cell.write_samples("t", [{"id": 0, "response": "x"}])
     cell.finish(payload())
     assert cell.done
     doc = json.loads(cell.results_path.read_text())
-    assert doc["schema_version"] == 1 and validate_results(doc) == []
-    assert doc["versions"]["llmmem"] and doc["versions"]["torch"]
+    assert doc["schema_version"] == SCHEMA_VERSION == 2 and validate_results(doc, lm_eval=False) == []
+    assert doc["environment"]["llmmem"] and doc["environment"]["torch"]
     assert "total_seconds" in doc["timings"]
     assert (cell.path / "samples_t.jsonl").read_text().count("\n") == 1
     with pytest.raises(CellExistsError, match="--overwrite"):
-        Cell(tmp_path, cell.name).prepare()
-    again = Cell(tmp_path, cell.name).prepare(overwrite=True)
+        CellDir(tmp_path, cell.name).prepare()
+    again = CellDir(tmp_path, cell.name).prepare(overwrite=True)
     assert not again.done and not (again.path / "samples_t.jsonl").exists()
     assert [c for c, _ in iter_cells(tmp_path)] == []
 
 
+def test_discard_removes_the_unfinished_cell_and_its_empty_model_dir(tmp_path):
+    cell = CellDir(tmp_path, "m/x-1").prepare()
+    (cell.path / "samples_t.jsonl").write_text("{}\n")
+    cell.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_keys_and_stderr_are_reported(tmp_path):
-    cell = Cell(tmp_path, "m/x").prepare()
+    cell = CellDir(tmp_path, "m/x").prepare()
     with pytest.raises(ValueError, match="missing"):
-        cell.finish({"results": {}})
+        cell.finish({"metrics": {}})
     assert not cell.done
-    doc = payload(results={"t": {"acc": 0.5}})
-    doc["schema_version"] = 1
-    doc["versions"], doc["timings"] = {}, {}
-    assert any("acc_stderr" in p for p in validate_results(doc))
+    doc = payload(metrics={"t": {"acc": 0.5}})
+    doc["schema_version"] = SCHEMA_VERSION
+    doc["environment"], doc["timings"] = {}, {}
+    assert any("acc_stderr" in p for p in validate_results(doc, lm_eval=False))
+
+
+def test_corrupt_or_old_results_are_named_not_skipped(tmp_path):
+    cell = CellDir(tmp_path, "m/a-1").prepare()
+    cell.finish(payload())
+    bad = tmp_path / "m" / "b-2"
+    bad.mkdir()
+    (bad / "results.json").write_text('{"schema_version": 2, "config"')  # truncated by hand
+    with pytest.raises(ConfigError, match="b-2/results.json is not a valid results file"):
+        list(iter_cells(tmp_path))
+    (bad / "results.json").write_text(json.dumps({"schema_version": 1, "results": {}}))
+    with pytest.raises(ConfigError, match="schema 1"):
+        list(iter_cells(tmp_path))
+    assert not CellDir(tmp_path, "m/b-2").done  # a sweep redoes it
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):
@@ -70,7 +83,6 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     atomic_write_text(target, "old")
     code = (
         "import os, sys; from pathlib import Path; from llmmem import results as r\n"
-        "orig = os.replace\n"
         "def boom(*a): os._exit(9)\n"
         "r.os.replace = boom\n"
         f"r.atomic_write_text(Path({str(target)!r}), 'new' * 1000)\n"
@@ -78,6 +90,37 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     rc = subprocess.run([sys.executable, "-c", code]).returncode
     assert rc == 9
     assert target.read_text() == "old"
+
+
+def test_atomic_directory_cleans_what_a_killed_writer_left(tmp_path):
+    out = tmp_path / "ckpt"
+    code = (
+        "import os; from llmmem.results import atomic_directory\n"
+        f"with atomic_directory({str(out)!r}) as tmp:\n"
+        "    (tmp / 'model.safetensors').write_bytes(b'x' * 1000)\n"
+        "    os._exit(9)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
+    left = list(out.iterdir())
+    assert len(left) == 1 and left[0].name.startswith(".llmmem-partial-")  # recognisable, inside the output
+    with atomic_directory(out) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # the stale partial is gone
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # the user's umask, not mkdtemp's 0o700
+    assert (out / "config.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_appended_jsonl_survives_a_torn_last_line(tmp_path):
+    p = tmp_path / "curves.jsonl"
+    append_jsonl(p, [{"step": 0}, {"step": 1}])
+    with open(p, "a") as fh:
+        fh.write('{"step": 2, "lo')  # killed mid-line
+    assert read_jsonl_tolerant(p) == [{"step": 0}, {"step": 1}]
+    p.write_text('{"step": 0}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ConfigError, match="line 2"):
+        read_jsonl_tolerant(p)
 
 
 def test_environment_capture_has_versions_and_no_heavy_imports():

@@ -16,7 +16,7 @@ def test_smollm2_offline_suites(smollm2_dir, tmp_path, monkeypatch, capsys):
                   "--output_path", tmp_path, "--quiet"])
     assert rc == 0, capsys.readouterr().err
     doc = json.loads(next(tmp_path.rglob("results.json")).read_text())
-    res = doc["results"]
+    res = doc["metrics"]
     assert res["capitals"]["exact_match"] >= 0.4
     # associative recall: chance is 1/n_pairs (4, 8, 16 pairs, equally many rows)
     chance = sum(1 / n for n in (4, 8, 16)) / 3

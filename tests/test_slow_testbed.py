@@ -21,5 +21,5 @@ def test_small_testbed_meets_its_acceptance_targets(tmp_path, capsys):
     rc = run_cli(["eval", "--model", out, "--tasks", ",".join(TASKS), "--batch_size", "64",
                   "--output_path", tmp_path / "eval", "--quiet"])
     assert rc == 0, capsys.readouterr().err
-    summary = summarize(json.loads(next((tmp_path / "eval").rglob("results.json")).read_text())["results"])
+    summary = summarize(json.loads(next((tmp_path / "eval").rglob("results.json")).read_text())["metrics"])
     assert failures(summary) == [], summary

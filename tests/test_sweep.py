@@ -25,7 +25,7 @@ def write_cfg(tmp_path, model_dir, **over):
 
 
 def results_of(run: Path) -> dict:
-    return {str(p.parent.relative_to(run)): json.loads(p.read_text())["results"] for p in sorted(run.rglob("results.json"))}
+    return {str(p.parent.relative_to(run)): json.loads(p.read_text())["metrics"] for p in sorted(run.rglob("results.json"))}
 
 
 def test_sweep_runs_reports_and_plots(tmp_path, llama_dir, capsys):
@@ -38,11 +38,11 @@ def test_sweep_runs_reports_and_plots(tmp_path, llama_dir, capsys):
     cells = results_of(run)
     assert len(cells) == 5
     names = sorted(cells)
-    assert any(n.startswith("tiny-llama/dense-unstructured-s0-") for n in names)
+    assert any(n.startswith("tiny-llama/dense-") for n in names)
     assert any(n.startswith("tiny-llama/wanda-unstructured-s0.6-") for n in names)
     doc = json.loads(next(run.rglob("wanda-unstructured-s0.6-*/results.json")).read_text())
     assert abs(doc["pruning"]["measured_sparsity"] - 0.6) < 0.01
-    assert doc["timings"]["restore_seconds"] >= 0 and doc["sweep"]["label"] == "wanda-unstructured-s0.6"
+    assert doc["timings"]["restore_seconds"] >= 0 and doc["cell"]["label"] == "wanda-unstructured-s0.6"
     report = (run / "report.md").read_text()
     assert "normalised to dense" in report and "| famous_passages | tf_accuracy |" in report
     for name in ("headline_tiny-llama", "tasks_tiny-llama", "extraction_tiny-llama_famous_passages"):
@@ -133,7 +133,7 @@ def test_lock_held_by_live_process(tmp_path, llama_dir, capsys):
 def test_dry_run_plans_only(tmp_path, llama_dir, capsys):
     assert run_cli(["sweep", write_cfg(tmp_path, llama_dir), "--dry_run", "structures=[unstructured,2:4]"]) == 0
     out = capsys.readouterr().out
-    assert "plan: 7 cells" in out and "wanda-2:4-s0.5" in out
+    assert "plan: 7 cells" in out and "wanda-2of4-s0.5" in out
     assert not (tmp_path / "run").exists()
 
 
@@ -144,8 +144,8 @@ def _bad(capsys, tmp_path, cfg, *needles):
 
 @pytest.mark.parametrize("over,needles", [
     ({"colour": "red"}, ["unknown key(s) colour"]),
-    ({"sparsities": [0.3, 1.5]}, ["sparsity 1.5"]),
-    ({"sparsities": [0.3, "half"]}, ["sparsity 'half'"]),
+    ({"sparsities": [0.3, 1.5]}, ["sweep", "sparsity=1.5 is outside [0, 1)"]),
+    ({"sparsities": [0.3, "half"]}, ["sparsity='half' is not a number"]),
     ({"tasks": ["capitals", "capitols"]}, ["unknown task 'capitols'"]),
     ({"methods": ["wanda", "lottery"]}, ["unknown pruning method 'lottery'"]),
     ({"sparsities": []}, ["grid is empty"]),
@@ -168,13 +168,18 @@ def test_override_syntax(capsys, tmp_path, llama_dir):
     assert rc == 2 and "not key=value" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "testbed.yaml", "pythia.yaml", "unlearn-testbed.yaml"])
+@pytest.mark.parametrize("name", ["quickstart.yaml", "testbed.yaml", "pythia.yaml", "unlearn-testbed.yaml",
+                                  "durability-testbed.yaml", "durability-testbed-tiny.yaml"])
 def test_shipped_configs_parse(name):
     """The configs the README points users to load as specs (their values validated, nothing run)."""
     from pathlib import Path
 
-    from llmmem.config import load_sweep_spec, load_unlearn_spec
+    from llmmem.durability import load_durability
+    from llmmem.sweep import load_sweep_spec
+    from llmmem.unlearning.spec import load_unlearn_config
 
     path = Path(__file__).resolve().parent.parent / "configs" / name
-    spec = (load_unlearn_spec if name.startswith("unlearn") else load_sweep_spec)(str(path))
-    assert spec.model if name.startswith("unlearn") else spec.models
+    loader = load_unlearn_config if name.startswith("unlearn") else load_durability if name.startswith(
+        "durability") else load_sweep_spec
+    spec = loader(str(path))
+    assert spec.model.name if not name.startswith(("quickstart", "testbed", "pythia")) else spec.models

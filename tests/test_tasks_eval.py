@@ -29,13 +29,44 @@ def test_builtin_tasks_listed_and_valid(capsys):
 def test_fewshot_never_uses_the_scored_row():
     task = get_task("capitals")
     docs = task.docs()
-    for d in docs[:40]:
-        prompt = task.prompt(d, docs, 3, seed=0)
+    prompts = task.prompts(docs, 3, seed=0)
+    for d, prompt in zip(docs, prompts):
         shots = prompt.split("\n\n")[:-1]
         assert len(shots) == 3
         assert all(f"capital of {d['country']}?" not in s for s in shots)
         assert prompt.endswith(f"Q: What is the capital of {d['country']}?\nA:")
-    assert task.prompt(docs[0], docs, 3, 0) == task.prompt(docs[0], docs, 3, 0)  # seeded
+    assert prompts == task.prompts(docs, 3, seed=0)  # seeded
+    assert prompts != task.prompts(docs, 3, seed=1)
+
+
+def test_fewshot_prompt_does_not_depend_on_limit(tiny_backend):
+    """A doc's prompt depends on the task, the doc, num_fewshot and the seed only (issue 14.7)."""
+    from llmmem.suites import run_task
+    from llmmem.suites.recall import RecallSuite
+
+    task = get_task("capitals")
+    everything = task.prompts(task.docs(), 3, seed=0)
+    at40 = [r.context for r in RecallSuite().build(task, task.docs(limit=40), None, 3, 0).generate]
+    at8 = [r["prompt"] for r in run_task(task, tiny_backend, limit=8, seed=0).rows]
+    assert at8 == at40[:8] == everything[:8]
+    assert everything[40:48] == task.prompts(task.docs()[40:48], 3, seed=0)  # any slice of the docs, same prompts
+    assert len(set(everything[:8])) == 8
+
+
+@pytest.mark.parametrize("kind", ["default", "first_n"])
+def test_fewshot_sampler_is_lm_evals(kind):
+    """llmmem's sampler draws exactly what lm_eval/api/samplers.py draws, duplicates of the doc included."""
+    samplers = pytest.importorskip("lm_eval.api.samplers")
+    from llmmem.tasks import FewshotSampler
+
+    pool = [{"q": f"q{i % 9}", "a": str(i % 9)} for i in range(14)]  # rows 0-4 appear twice
+    theirs = (samplers.ContextSampler if kind == "default" else samplers.FirstNSampler)(list(pool), rnd=1234)
+    ours = FewshotSampler([dict(r, _row=i) for i, r in enumerate(pool)], 1234, kind)
+    for step in range(60):
+        doc = dict(pool[step % len(pool)])
+        got = [{k: v for k, v in r.items() if k != "_row"} for r in ours.sample(4, dict(doc, _row=99))]
+        assert got == theirs.sample(4, eval_doc=doc)
+        assert doc not in got
 
 
 def test_aliases_formats():
@@ -91,7 +122,8 @@ def test_hub_task_loaders_on_upstream_format_fixtures(name, hub_fixtures, tiny_b
 
     task = get_task(name)
     data = hub_fixtures["triviaqa" if name == "triviaqa_openbook" else name]
-    res = run_task(task, tiny_backend, data=data, limit=6, num_fewshot=min(task.num_fewshot, 2))
+    shots = data if str(task.fewshot_data).startswith("hf:") else None  # lm-eval's train split, here the same file
+    res = run_task(task, tiny_backend, data=data, fewshot_data=shots, limit=6, num_fewshot=min(task.num_fewshot, 2))
     assert res.n_samples == 6
     if name == "triviaqa_openbook":
         assert "Paris is the capital of France" in res.rows[0]["prompt"]
@@ -125,22 +157,23 @@ def test_eval_cli_writes_a_valid_cell(tmp_path, llama_dir, capsys):
     printed = capsys.readouterr().out
     assert "| capitals | exact_match |" in printed
     (cell,) = [p.parent for p in out.rglob("results.json")]
-    assert cell.parent.name == "tiny-llama" and cell.name.startswith("dense-unstructured-s0-")
+    assert cell.parent.name == "tiny-llama" and cell.name.startswith("dense-")
     doc = json.loads((cell / "results.json").read_text())
     assert validate_results(doc) == []
-    assert set(doc["results"]) == set(OFFLINE)
-    assert doc["results"]["capitals"]["buckets"]  # bucket_by popularity
-    assert "follows_context" in doc["results"]["capitals_override"]
-    assert "parametric_stderr" in doc["results"]["capitals_override"]
+    assert set(doc["metrics"]) == set(OFFLINE)
+    assert doc["metrics"]["capitals"]["buckets"]  # bucket_by popularity
+    assert "follows_context" in doc["metrics"]["capitals_override"]
+    assert "parametric_stderr" in doc["metrics"]["capitals_override"]
     for m in ("extractable", "token_match", "prefix_match", "approx_memorized", "tf_accuracy", "suffix_nll"):
-        assert m in doc["results"]["famous_passages"]
-    assert set(doc["results"]["famous_passages"]["buckets"]) <= {"famous", "control"}
+        assert m in doc["metrics"]["famous_passages"]
+    assert set(doc["metrics"]["famous_passages"]["buckets"]) <= {"famous", "control"}
     for t in OFFLINE:
         rows = [json.loads(line) for line in (cell / f"samples_{t}.jsonl").read_text().splitlines()]
         assert len(rows) == doc["n_samples"][t] == 6
         assert "response" in rows[0] and "id" in rows[0]
     assert "prompt" in json.loads((cell / "samples_capitals.jsonl").read_text().splitlines()[0])
-    assert doc["tasks"]["capitals"]["version"] == 1 and len(doc["tasks"]["capitals"]["hash"]) == 16
+    assert doc["tasks"]["capitals"]["version"] == 2 and len(doc["tasks"]["capitals"]["hash"]) == 16
+    assert doc["tasks"]["capitals"]["n_truncated"] == 4 and any("capitals: 4 request" in w for w in doc["warnings"])
     # a finished cell is not overwritten
     assert run_cli(["eval", "--model", llama_dir, "--tasks", ",".join(OFFLINE), "--limit", "6", "--output_path", out,
                     "--quiet"]) == 2
@@ -153,7 +186,7 @@ def test_same_seed_same_numbers(tmp_path, llama_dir):
         out = tmp_path / f"r{i}"
         assert run_cli(["eval", "--model", llama_dir, "--tasks", "capitals,famous_passages", "--limit", "5",
                         "--output_path", out, "--quiet"]) == 0
-        docs.append(json.loads(next(out.rglob("results.json")).read_text())["results"])
+        docs.append(json.loads(next(out.rglob("results.json")).read_text())["metrics"])
     assert docs[0] == docs[1]
 
 
@@ -220,14 +253,16 @@ def test_empty_after_filter(capsys, tmp_path, llama_dir):
 
 
 def test_limit_and_num_fewshot(capsys, llama_dir):
-    _bad(capsys, ["eval", "--model", llama_dir, "--tasks", "capitals", "--limit", "0"], "--limit 0")
+    _bad(capsys, ["eval", "--model", llama_dir, "--tasks", "capitals", "--limit", "0"], "limit=0")
     _bad(capsys, ["eval", "--model", llama_dir, "--tasks", "state_capitals", "--num_fewshot", "60"],
          "--num_fewshot 60", "shot pool")
 
 
 def test_no_model_loaded_before_task_errors(capsys, tmp_path):
-    # the model path does not exist, but the unknown task is reported first (no load attempted)
-    _bad(capsys, ["eval", "--model", str(tmp_path / "missing"), "--tasks", "nope_task"], "unknown task")
+    # the model's config.json is garbage, but the unknown task is reported first (no load attempted)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("not json")
+    _bad(capsys, ["eval", "--model", str(tmp_path / "m"), "--tasks", "nope_task"], "unknown task")
 
 
 def test_tasks_dir_ships_in_wheel(tmp_path):
@@ -251,8 +286,54 @@ def test_config_error_for_bad_suite(tmp_path):
 
     p = tmp_path / "x.yaml"
     p.write_text("task: x\nsuite: poetry\ndata: x.jsonl\n")
-    with pytest.raises(ConfigError, match="unknown suite"):
+    with pytest.raises(ConfigError, match="x.yaml: unknown suite 'poetry'.*choose from: .*mia.*recall"):
         load_task_file(p)
+
+
+def test_suite_registered_later_is_accepted(tmp_path):
+    """Tasks validate their suite against the registry, so a suite registered by other code just works."""
+    from llmmem.suites import SUITES, Suite
+    from llmmem.tasks import load_task_file
+
+    class Poetry(Suite):
+        name = "poetry"
+
+    SUITES.register("poetry", Poetry, "a suite registered after import")
+    try:
+        p = tmp_path / "x.yaml"
+        p.write_text("task: x\nsuite: poetry\ndata: x.jsonl\n")
+        assert load_task_file(p).suite == "poetry"
+    finally:
+        SUITES._entries.pop("poetry")
+
+
+def test_ls_tasks_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from llmmem.cli import main; rc = main(['ls', 'tasks']); "
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', rc)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip().endswith("NO-TORCH 0"), proc.stdout[-500:] + proc.stderr[-2000:]
+    assert "capitals" in proc.stdout and "(invalid:" not in proc.stdout
+
+
+def test_truncated_generation_prompts_are_counted(tmp_path, tiny_backend, caplog):
+    """A prompt longer than the model is left-truncated (as lm-eval): flagged per row, counted, warned once."""
+    import logging
+
+    from llmmem.suites import run_task
+    from llmmem.tasks import load_task_file
+
+    rows = [{"q": ("word " * (400 if i % 2 else 3)) + f"number {i}", "a": "x"} for i in range(6)]
+    d = _task_dir(tmp_path, "task: t\nsuite: recall\ndata: t.jsonl\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
+                            "generation_kwargs: {max_gen_toks: 4}\n", rows)
+    with caplog.at_level(logging.WARNING, logger="llmmem.suites"):
+        res = run_task(load_task_file(d / "t.yaml"), tiny_backend)
+    assert res.n_truncated == 3
+    assert [r["truncated"] for r in res.rows] == [False, True] * 3
+    warnings = [r for r in caplog.records if "longer than the model" in r.getMessage()]
+    assert len(warnings) == 1 and "3 of 6" in warnings[0].getMessage()
 
 
 def test_mia_reference_model(tmp_path, tiny_testbed, capsys):
@@ -260,6 +341,6 @@ def test_mia_reference_model(tmp_path, tiny_testbed, capsys):
     rc = run_cli(["eval", "--model", tiny_testbed, "--tasks", "testbed_mia", "--mia_reference", tiny_testbed,
                   "--output_path", tmp_path, "--quiet"])
     assert rc == 0, capsys.readouterr().err
-    res = json.loads(next(tmp_path.rglob("results.json")).read_text())["results"]["testbed_mia"]
+    res = json.loads(next(tmp_path.rglob("results.json")).read_text())["metrics"]["testbed_mia"]
     assert res["ref_auc"] == pytest.approx(0.5)
     assert res["loss_auc"] > 0.5

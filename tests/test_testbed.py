@@ -121,11 +121,11 @@ def test_testbed_tasks_run_through_eval(tiny_testbed, tmp_path, capsys):
                   "--quiet"])
     assert rc == 0, capsys.readouterr().err
     doc = json.loads(next(tmp_path.rglob("results.json")).read_text())
-    assert set(doc["results"]["testbed_recall"]["buckets"]) <= {"1", "2", "4", "8", "16"}
-    assert "heldout" in doc["results"]["testbed_canaries"]["buckets"] or doc["n_samples"]["testbed_canaries"] < 40
-    assert "exposure" in doc["results"]["testbed_canaries"]
-    assert 0 <= doc["results"]["testbed_mia"]["loss_auc"] <= 1
-    assert "follows_context" in doc["results"]["testbed_override"]
+    assert set(doc["metrics"]["testbed_recall"]["buckets"]) <= {"1", "2", "4", "8", "16"}
+    assert "heldout" in doc["metrics"]["testbed_canaries"]["buckets"] or doc["n_samples"]["testbed_canaries"] < 40
+    assert "exposure" in doc["metrics"]["testbed_canaries"]
+    assert 0 <= doc["metrics"]["testbed_mia"]["loss_auc"] <= 1
+    assert "follows_context" in doc["metrics"]["testbed_override"]
 
 
 def test_cli_bad_input(tmp_path, capsys, tiny_testbed):

@@ -9,10 +9,11 @@ import yaml
 
 import tiny
 from conftest import cli_error, run_cli
-from llmmem.config import ConfigError, UnlearnSpec
+from llmmem.config import ConfigError
+from llmmem.tracking import steps_to_forget
 from llmmem.unlearning import METHODS
 from llmmem.unlearning.methods import sequence_nll
-from llmmem.unlearning.runner import steps_to_forget
+from llmmem.unlearning.spec import UnlearnSpec
 
 
 def _batch():
@@ -54,7 +55,7 @@ def test_steps_to_forget_rule():
                  {"step": step * 10, "set": "nonmember", "id": "n1", "extractable": 0, "loss": 2.0},
                  {"step": step * 10, "set": "nonmember", "id": "n2", "extractable": 0, "loss": 2.2}]
     # a: not extractable at 10 but loss 0.5 < median 2.1; at 20 loss 2.5 > 2.1 -> 20. b: extractable until 20
-    assert steps_to_forget(rows, ["a", "b", "c"], 20, 10) == {"a": 20, "b": 20, "c": None}
+    assert steps_to_forget(rows, ["a", "b", "c"]) == {"a": 20, "b": 20, "c": None}
 
 
 def _cfg(tmp_path, model, **over):
@@ -80,8 +81,9 @@ def test_unlearn_end_to_end(tmp_path, tiny_testbed, capsys):
     for c in u["correlations"].values():
         assert set(c) == {"spearman", "ci_low", "ci_high", "n"}
     assert {"dup004", "dup008", "dup016"} == set(u["forgetting_by_group"])
-    assert "testbed_recall" in doc["results"] and "unlearn_forget" in doc["results"]
-    assert "exposure" in doc["results"]["unlearn_forget"]
+    assert "testbed_recall" in doc["metrics"] and "unlearn_forget" in doc["metrics"]
+    assert "exposure" in doc["metrics"]["unlearn_forget"]
+    assert doc["cell"]["label"] == "grad_diff-12steps" and res.parent.name.startswith("grad_diff-12steps-")
     rows = [json.loads(line) for line in (res.parent / "curves.jsonl").read_text().splitlines()]
     assert sorted({r["step"] for r in rows}) == [0, 4, 8, 12]
     assert {r["set"] for r in rows} == {"forget", "retain", "nonmember", "utility"}
@@ -98,8 +100,13 @@ def test_reference_model_comparison(tmp_path, tiny_testbed):
                                      reference_model=str(tiny_testbed)), "--quiet"]) == 0
     doc = json.loads(next((tmp_path / "ul").rglob("results.json")).read_text())
     ref = doc["unlearning"]["reference"]
-    assert set(ref) == {"unlearned", "retrained", "privleak"}
-    assert 0 <= ref["retrained"]["mia_auc"] <= 1 and ref["retrained"]["exposure"] is not None
+    assert {"unlearned", "retrained", "loss_auc_gap"} <= set(ref)
+    # the reference here is the same model before unlearning: its forget loss is the dense one, lower
+    assert ref["retrained"]["forget_loss"] < ref["unlearned"]["forget_loss"]
+    assert ref["loss_auc_gap"] == pytest.approx(ref["unlearned"]["loss_auc"] - ref["retrained"]["loss_auc"])
+    # MUSE PrivLeak from the two Min-40% AUCs (forget labelled 0, holdout 1), in percent
+    au, ar = ref["unlearned"]["privleak_auc"], ref["retrained"]["privleak_auc"]
+    assert ref["privleak"] == pytest.approx(((1 - au) - (1 - ar)) / (1 - ar + 1e-10) * 100)
 
 
 def _bad(capsys, args, *needles):
@@ -109,10 +116,13 @@ def _bad(capsys, args, *needles):
 def test_bad_input(tmp_path, tiny_testbed, capsys):
     cfg = _cfg(tmp_path, tiny_testbed)
     _bad(capsys, [cfg, "method=forgetful"], "unknown unlearning method 'forgetful'", "npo")
-    _bad(capsys, [cfg, "steps=0"], "--steps", ">= 1")
-    _bad(capsys, [cfg, "lr=0"], "--lr 0.0 must be > 0")
-    _bad(capsys, [cfg, "lr=-1e-4"], "must be > 0")
-    _bad(capsys, [cfg, "eval_every=50"], "--eval_every 50 is larger than --steps 12")
+    _bad(capsys, [cfg, "steps=0"], "steps=0", ">= 1")
+    _bad(capsys, [cfg, "lr=0"], "lr=0 is outside (0, inf]")
+    _bad(capsys, [cfg, "lr=-1e-4"], "lr=-0.0001 is outside")
+    _bad(capsys, [cfg, "lr=.nan"], "lr=nan is not a finite number")
+    _bad(capsys, [cfg, "method_args={beta: abc}"], "method_args.beta='abc' is not a number")
+    _bad(capsys, [cfg, "eval_every=50"], "eval_every=50 is larger than steps=12")
+    _bad(capsys, [cfg, "nonmember_filter={group: [dup004]}"], "forget and nonmember sets overlap")
     _bad(capsys, [cfg, "forget_filter={group: [dup999]}"], "forget set is empty")
     _bad(capsys, [cfg, "retain=testbed_canaries", "retain_filter={group: [dup008, dup016, dup001]}"],
          "overlap", "6 example(s)")
@@ -122,4 +132,4 @@ def test_bad_input(tmp_path, tiny_testbed, capsys):
 
 def test_spec_validation_direct():
     with pytest.raises(ConfigError, match="eval_every"):
-        UnlearnSpec(model="m", forget="f", retain="r", steps=5, eval_every=10)
+        UnlearnSpec(forget="f", retain="r", steps=5, eval_every=10)

@@ -54,9 +54,9 @@ def _compare(hf, vb, prompts, n=8):
 
 @vllm_only
 def test_testbed_greedy_and_loglikelihood_match_hf_and_in_place_update(tiny_testbed):
-    from llmmem.config import PruneSpec
     from llmmem.models import prunable_parameter_names
     from llmmem.pruning import prune
+    from llmmem.pruning.spec import PruneSpec
 
     lm, hf, vb = _backends(tiny_testbed)
     dense = _compare(hf, vb, PROMPTS_TB)
@@ -87,7 +87,7 @@ def test_sweep_same_metrics_on_both_backends(tiny_testbed, tmp_path, capsys):
                                        "tasks": ["testbed_recall", "testbed_override"], "limit": 60,
                                        "output_path": str(tmp_path / backend)}))
         assert run_cli(["sweep", cfg, "--quiet"]) == 0, capsys.readouterr().err
-        runs[backend] = {json.loads(p.read_text())["sweep"]["label"]: json.loads(p.read_text())["results"]
+        runs[backend] = {json.loads(p.read_text())["sweep"]["label"]: json.loads(p.read_text())["metrics"]
                          for p in (tmp_path / backend).rglob("results.json")}
     assert set(runs["hf"]) == set(runs["vllm"]) == {"dense", "wanda-unstructured-s0.3", "wanda-unstructured-s0.6"}
     for label in runs["hf"]:

@@ -9,6 +9,26 @@
 A request carries text, or token ids (for pre-tokenized data such as extraction benchmarks);
 token ids win when both are given. Results come back in request order. Log-probabilities are
 float32 whatever the model's dtype.
+
+Requests longer than the model (``TokenizedBackend``): nothing is cut silently. A log-likelihood
+request that does not fit one forward pass is split into windows that each fit, and the window
+results are merged (sums added, per-token lists concatenated), so every continuation token is
+scored exactly once. Two window rules:
+
+* ``windows="rolling"`` (default): lm-evaluation-harness's rolling windows
+  (``lm_eval/utils.py`` ``get_rolling_token_windows`` with ``context_len=1`` +
+  ``make_disjoint_window``, as ``HFLM.loglikelihood_rolling``): each window predicts up to
+  ``max_length`` tokens, the last one with as much context as fits. A pair that fits whole is
+  one window; a long context with a short continuation is left-truncated (lm-eval's
+  ``(context + continuation)[-(max_length + 1):]``).
+* ``windows="strided"``: MIMIR's sliding window (``mimir/models.py`` ``get_probabilities``, the
+  Hugging Face perplexity guide's strided scheme): windows of ``max_length`` tokens every
+  ``max_length // 2`` tokens, each token scored in the window where it is among the last
+  ``stride`` tokens.
+
+A result's ``truncated`` flag says that some scored token saw less than its whole context (the
+request needed more than one window, or its context was cut); a generation result's, that its
+prompt was left-truncated to ``max_length - max_gen_toks`` tokens (as lm-eval does).
 """
 
 from __future__ import annotations
@@ -36,6 +56,7 @@ class GenerateRequest:
 class GenerateResult:
     text: str
     token_ids: list[int]
+    truncated: bool = False  # the prompt was left-truncated to fit max_length - max_gen_toks
 
 
 @dataclass
@@ -46,6 +67,7 @@ class LoglikelihoodRequest:
     continuation_ids: list[int] | None = None
     token_logprobs: bool = False
     token_stats: bool = False  # also mean and std of log p over the vocabulary at each position (Min-K%++)
+    windows: str = "rolling"  # how a request longer than the model is split: "rolling" (lm-eval) | "strided" (MIMIR)
 
 
 @dataclass
@@ -58,6 +80,7 @@ class LoglikelihoodResult:
     continuation_ids: list[int] | None = None
     token_mu: list[float] | None = None
     token_sigma: list[float] | None = None
+    truncated: bool = False  # scored in more than one window, or with its context left-cut
 
 
 @dataclass
@@ -70,6 +93,7 @@ class RollingRequest:
 class RollingResult:
     logprob: float
     n_tokens: int
+    truncated: bool = False  # longer than one window (lm-eval's rolling windows)
 
 
 class Backend(ABC):
@@ -120,12 +144,74 @@ def check_batch_size(n) -> int:
     return n
 
 
+WINDOWS = ("rolling", "strided")
+
+
+def rolling_windows(full: list[int], start: int, limit: int) -> list[tuple[list[int], list[int]]]:
+    """lm-eval's rolling windows over ``full[start:]`` (the tokens to score), each pair at most ``limit`` tokens.
+
+    ``lm_eval/utils.py`` ``get_rolling_token_windows(context_len=1)`` + ``make_disjoint_window``: a window
+    predicts up to ``limit - 1`` tokens; when it is the last one, it takes as much context as fits."""
+    out, a = [], start
+    while a < len(full):
+        b = min(a + limit - 1, len(full))
+        c = max(0, b - limit)
+        out.append((full[c:a], full[a:b]))
+        a = b
+    return out
+
+
+def strided_windows(full: list[int], start: int, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """MIMIR's windows over ``full[start:]`` (``mimir/models.py`` ``get_probabilities``).
+
+    ``stride = max_length // 2``; for ``i`` in ``range(0, len(full), stride)`` the model reads
+    ``full[max(i + stride - max_length, 0) : min(i + stride, len(full))]`` and scores its tokens from
+    position ``i`` on. Consecutive windows that start at the same token have the same logits
+    (causal attention), so they are merged into one pair."""
+    stride = max(1, max_length // 2)
+    groups: list[list[int]] = []  # [begin, first scored, end]
+    for i in range(0, len(full), stride):
+        begin = max(i + stride - max_length, 0)
+        end = min(i + stride, len(full))
+        first = max(i, start, 1)
+        if first >= end:
+            continue
+        if groups and groups[-1][0] == begin and groups[-1][2] == first:
+            groups[-1][2] = end
+        else:
+            groups.append([begin, first, end])
+    return [(full[b:f], full[f:e]) for b, f, e in groups]
+
+
+def merge_windows(parts: list[LoglikelihoodResult], truncated: bool) -> LoglikelihoodResult:
+    """One result from the results of a request's windows (in order)."""
+    if len(parts) == 1:
+        parts[0].truncated = truncated
+        return parts[0]
+
+    def cat(name):
+        lists = [getattr(r, name) for r in parts]
+        return None if any(x is None for x in lists) else [v for x in lists for v in x]
+
+    return LoglikelihoodResult(
+        logprob=float(sum(r.logprob for r in parts)), is_greedy=all(r.is_greedy for r in parts),
+        n_tokens=sum(r.n_tokens for r in parts), token_logprobs=cat("token_logprobs"), greedy_ids=cat("greedy_ids"),
+        continuation_ids=cat("continuation_ids"), token_mu=cat("token_mu"), token_sigma=cat("token_sigma"),
+        truncated=truncated)
+
+
 class TokenizedBackend(Backend):
-    """Shared request-to-token logic, so every backend tokenizes (and truncates) the same way.
+    """Shared request-to-token logic, so every backend tokenizes (and splits long requests) the same way.
 
     Subclasses implement ``_loglikelihood_tokens(pairs, want_tokens, desc, want_stats)`` over
-    (context ids, continuation ids) pairs, and ``generate``.
+    (context ids, continuation ids) pairs, and ``generate``. Every pair handed to
+    ``_loglikelihood_tokens`` holds at most ``max_length + pair_extra`` tokens: the last token is only
+    predicted, never read, so a backend that feeds ``context + continuation[:-1]`` takes
+    ``max_length + 1`` (``pair_extra = 1``, the HF backend, as lm-eval's HFLM); one that must read every
+    token of the pair (vLLM prompt log-probs) sets ``pair_extra = 0``.
     """
+
+    pair_extra: int = 1
 
     def __init__(self, tokenizer, max_length: int, batch_size: int, quiet: bool, eos_ids=None):
         self.tok = tokenizer
@@ -167,45 +253,63 @@ class TokenizedBackend(Backend):
             raise ValueError(f"continuation {req.continuation!r} encodes to no tokens")
         return ctx, cont
 
+    def windows(self, ctx: list[int], cont: list[int], rule: str = "rolling") -> list[tuple[list[int], list[int]]]:
+        """The pairs that score ``cont`` after ``ctx``, each short enough for one forward pass."""
+        if rule not in WINDOWS:
+            raise ConfigError(f"windows {rule!r} is not a window rule; choose from: {', '.join(WINDOWS)}")
+        full = ctx + cont
+        if rule == "strided":
+            return strided_windows(full, len(ctx), self.max_length)
+        limit = self.max_length + self.pair_extra
+        if len(full) <= limit:
+            return [(ctx, cont)]
+        return rolling_windows(full, len(ctx), limit)
+
     # ---------------------------------------------------------------- loglikelihood
     def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[LoglikelihoodResult]:
-        pairs = [self._split_pair(r) for r in requests]
-        want_tokens = [r.token_logprobs or r.token_stats for r in requests]
-        want_stats = [r.token_stats for r in requests]
-        return self._loglikelihood_tokens(pairs, want_tokens, desc="loglikelihood", want_stats=want_stats)
+        pairs, owner, want_tokens, want_stats, cut = [], [], [], [], []
+        for k, r in enumerate(requests):
+            ctx, cont = self._split_pair(r)
+            ws = self.windows(ctx, cont, r.windows)
+            cut.append(len(ws) > 1 or len(ws[0][0]) < len(ctx))
+            for w in ws:
+                pairs.append(w)
+                owner.append(k)
+                want_tokens.append(r.token_logprobs or r.token_stats)
+                want_stats.append(r.token_stats)
+        res = self._loglikelihood_tokens(pairs, want_tokens, desc="loglikelihood", want_stats=want_stats)
+        parts: list[list[LoglikelihoodResult]] = [[] for _ in requests]
+        for k, r in zip(owner, res):
+            parts[k].append(r)
+        return [merge_windows(p, c) for p, c in zip(parts, cut)]
 
     def prompt_ids(self, r: GenerateRequest) -> list[int]:
         """A generation request's prompt ids, left-truncated to leave room for the generated tokens."""
+        ids = self._prompt_ids_full(r)
+        return ids[-self._prompt_room(r):]
+
+    def prompt_truncated(self, r: GenerateRequest) -> bool:
+        """Whether :meth:`prompt_ids` drops tokens of this request's prompt."""
+        return len(self._prompt_ids_full(r)) > self._prompt_room(r)
+
+    def _prompt_ids_full(self, r: GenerateRequest) -> list[int]:
         ids = list(r.context_ids) if r.context_ids is not None else self.encode(r.context)
-        if not ids:
-            ids = [self.prefix_id]
-        room = max(1, self.max_length - r.max_gen_toks)
-        return ids[-room:]
+        return ids or [self.prefix_id]
+
+    def _prompt_room(self, r: GenerateRequest) -> int:
+        return max(1, self.max_length - r.max_gen_toks)
 
     def stop_ids(self) -> list[int]:
         eos = self.eos_ids if isinstance(self.eos_ids, list) else [self.eos_ids]
         return [e for e in eos if e is not None]
 
     def loglikelihood_rolling(self, requests: list[RollingRequest]) -> list[RollingResult]:
-        L = self.max_length
-        pairs, owner = [], []
-        for k, req in enumerate(requests):
+        """lm-eval's convention: the prefix token (BOS, or EOS without one) then every text token scored,
+        in lm-eval's disjoint rolling windows (``HFLM.loglikelihood_rolling``)."""
+        lls = []
+        for req in requests:
             toks = list(req.token_ids) if req.token_ids is not None else self.encode(req.text, add_special_tokens=False)
             if not toks:
                 raise ValueError("loglikelihood_rolling: empty text")
-            full = [self.prefix_id] + toks
-            a = 1
-            while a < len(full):
-                b = min(a + L, len(full))
-                c = max(0, b - 1 - L)
-                pairs.append((full[c:a], full[a:b]))
-                owner.append(k)
-                a = b
-        res = self._loglikelihood_tokens(pairs, [False] * len(pairs), desc="rolling")
-        totals = [0.0] * len(requests)
-        counts = [0] * len(requests)
-        for k, r in zip(owner, res):
-            totals[k] += r.logprob
-            counts[k] += r.n_tokens
-        return [RollingResult(t, n) for t, n in zip(totals, counts)]
-
+            lls.append(LoglikelihoodRequest(context_ids=[self.prefix_id], continuation_ids=toks))
+        return [RollingResult(r.logprob, r.n_tokens, r.truncated) for r in self.loglikelihood(lls)]

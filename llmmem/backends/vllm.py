@@ -31,6 +31,7 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 class VLLMBackend(TokenizedBackend):
     name = "vllm"
+    pair_extra = 0  # prompt log-probs read every token of a pair: windows of max_length tokens
 
     @classmethod
     def check_available(cls) -> None:

@@ -207,14 +207,9 @@ def is_token_file(source: str) -> bool:
 
 def check_source(source: str) -> None:
     """Cheap checks that need no model (run before anything is loaded)."""
-    if source in ("auto", "self", "c4") or source.startswith("hf:"):
-        return
-    p = Path(source).expanduser()
-    if p.suffix not in TOKEN_SUFFIXES + TEXT_SUFFIXES:
-        raise ConfigError(f"calibration {source!r}: expected self, auto, c4, hf:PATH[:CONFIG[:SPLIT]], a token "
-                          f"file ({', '.join(TOKEN_SUFFIXES)}) or a text file ({', '.join(TEXT_SUFFIXES)})")
-    if not p.is_file():
-        raise ConfigError(f"calibration file {source!r} does not exist")
+    from llmmem.pruning.spec import check_calibration_source
+
+    check_calibration_source(source)
 
 
 def load_calibration(source: str, model, tokenizer, nsamples: int | None, seqlen: int | None, seed: int,

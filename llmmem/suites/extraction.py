@@ -9,22 +9,26 @@ Data: a text field cut with the model's tokenizer (options ``prefix_tokens``/``s
 32/32; passages shorter than P+S tokens are skipped), or pre-tokenized ``prefix_ids``/``suffix_ids``
 (e.g. Google's lm-extraction-benchmark ``.npy`` uint16 [N, 50] arrays via ``data: {prefix_npy, suffix_npy}``).
 
-Canary exposure (Carlini et al. 2019) with ``options.exposure``: ``{prefix_field, secret_field, alphabet,
-separator, n_alternatives}``: the true secret's log-perplexity ranked among random secrets of the same
-form; exposure = log2|R| - log2 rank, extrapolated with a skew-normal fit when the sample cannot resolve
-the rank.
+Canary exposure (Carlini et al. 2019) with ``options.exposure``: ``{prefix_field, secret_field, alphabet, length,
+separator, joiner, n_alternatives, confidence}``. The secret space is declared (``alphabet`` symbols, ``length`` of
+them joined by ``separator``; see :class:`llmmem.exposure.SecretSpace`); each secret is scored (log-perplexity
+of ``joiner + secret`` after the prefix, ``joiner`` default one space) against every other secret when
+``|R| - 1 <= n_alternatives`` (exact rank) or against ``n_alternatives`` (default 1000) others sampled without
+replacement, fixed per canary and seed. Rows get ``exposure``, ``exposure_low``/``exposure_high`` (equal when
+exact; a Clopper-Pearson interval when sampled) and ``exposure_method`` (``exact``, ``sampled``,
+``sampled+skewnorm``: the sample cannot resolve the rank, and the value is the skew-normal extrapolation).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import random
 from pathlib import Path
 
 from llmmem.backends.base import GenerateRequest, LoglikelihoodRequest
 from llmmem.config import ConfigError
-from llmmem.metrics import bleu4, exposure_extrapolated, matching_prefix_length, token_match_fraction
+from llmmem.exposure import DEFAULT_ALTERNATIVES, SecretSpace, exposure
+from llmmem.metrics import bleu4, matching_prefix_length, token_match_fraction
 from llmmem.suites import Requests, Suite
 
 log = logging.getLogger(__name__)
@@ -93,24 +97,30 @@ class ExtractionSuite(Suite):
         cfg = task.options.get("exposure")
         if not cfg:
             return
-        alphabet = [str(a) for a in cfg.get("alphabet", list("0123456789"))]
-        sep = cfg.get("separator", " ")
-        n_alt = int(cfg.get("n_alternatives", 200))
+        where = f"task {task.name}: options.exposure"
+        space = SecretSpace.from_options(cfg, where=where)
+        n_alt = cfg.get("n_alternatives", DEFAULT_ALTERNATIVES)
+        joiner = cfg.get("joiner", " ")
+        if not isinstance(joiner, str):
+            raise ConfigError(f"{where}.joiner {joiner!r} must be a string (e.g. ' ' or '')")
+        confidence = cfg.get("confidence", 0.95)
+        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+            raise ConfigError(f"{where}.confidence {confidence!r} must be a number in (0, 1)")
+        pf, sf = cfg.get("prefix_field", "prefix"), cfg.get("secret_field", "secret")
         req.meta_exposure = []
         for d in docs:
-            prefix = str(d[cfg.get("prefix_field", "prefix")])
-            secret = str(d[cfg.get("secret_field", "secret")])
-            parts = secret.split(sep) if sep else list(secret)
-            rng = random.Random(f"{seed}:{task.name}:{d.get('id', d['_row'])}")
-            alts = set()
-            while len(alts) < n_alt:
-                cand = sep.join(rng.choice(alphabet) for _ in parts)
-                if cand != secret:
-                    alts.add(cand)
+            for f in (pf, sf):
+                if f not in d:
+                    raise ConfigError(f"{where}: row {d['_row'] + 1} has no field {f!r}")
+            prefix, secret = str(d[pf]), str(d[sf])
+            space.check(secret, where=f"{where}: row {d['_row'] + 1} secret")
+            space.check_budget(n_alt, secret, key=f"{where}.n_alternatives")
+            alts = space.alternatives(secret, n_alt, f"{seed}:{task.name}:{task.doc_id(d)}")
             start = len(req.loglikelihood)
-            for s in [secret, *sorted(alts)]:
-                req.loglikelihood.append(LoglikelihoodRequest(context=prefix, continuation=(" " if sep == " " else "") + s))
-            req.meta_exposure.append((start, n_alt, len(alphabet) ** len(parts)))
+            for s in [secret, *alts]:
+                req.loglikelihood.append(LoglikelihoodRequest(context=prefix, continuation=joiner + s))
+            req.meta_exposure.append((start, len(alts), space.size_for(secret), space.is_exact(secret, n_alt),
+                                      float(confidence)))
 
     def score(self, task, docs, req, resp, backend) -> list[dict]:
         rows = []
@@ -133,12 +143,11 @@ class ExtractionSuite(Suite):
             if task.bucket_by:
                 row[task.bucket_by] = task.bucket_value(d)
             rows.append(row)
-        for i, (start, n_alt, space) in enumerate(getattr(req, "meta_exposure", [])):
+        for i, (start, n_alt, size, exact, conf) in enumerate(getattr(req, "meta_exposure", [])):
             scores = [-r.logprob for r in resp.loglikelihood[start:start + n_alt + 1]]
-            ex = exposure_extrapolated(scores[0], scores[1:], space)
-            rows[i]["exposure"] = ex["exposure"]
-            rows[i]["exposure_extrapolated"] = ex["extrapolated"]
-            rows[i]["secret_logppl"] = scores[0]
+            ex = exposure(scores[0], scores[1:], size, exact=exact, confidence=conf)
+            rows[i].update(exposure=ex["exposure"], exposure_low=ex["exposure_low"], exposure_high=ex["exposure_high"],
+                           exposure_method=ex["method"], secret_logppl=scores[0])
         assert len(rows) == n
         return rows
 

@@ -7,6 +7,13 @@ standardised by the mean and std of log p under the model's distribution at that
 ``ref`` (loss minus a reference model's loss) when a reference backend is given.
 Rows need a text field (options.text_field, default ``text``) and a 0/1 label (options.label_field,
 default ``label``; 1 = member).
+
+Scored tokens are MIMIR's (``mimir/models.py`` ``get_probabilities``) for every tokenizer: tokens
+1..n-1 of ``tokenizer(text)`` (with its default special tokens), each predicted from the tokens
+before it, the first token being context only. With a BOS-adding tokenizer that is every text token
+after BOS; for GPT-2 / GPT-NeoX / Pythia / OPT-style tokenizers the first text token is not scored.
+A text longer than the model is scored in MIMIR's windows (``max_length`` tokens every
+``max_length // 2``; ``windows="strided"``), and counted in ``n_truncated``.
 """
 
 from __future__ import annotations
@@ -19,6 +26,15 @@ from llmmem.metrics import mia_loss, mia_min_k, mia_min_k_plus_plus, mia_zlib, r
 from llmmem.suites import Requests, Suite
 
 SCORES = ("loss", "zlib", "min_k", "min_k_pp", "ref")
+
+
+def mimir_request(backend, text: str, where: str = "", stats: bool = True) -> LoglikelihoodRequest:
+    """The request that scores MIMIR's tokens of ``text``: tokens 1..n-1 of ``tokenizer(text)``."""
+    ids = backend.encode(text)
+    if len(ids) < 2:
+        raise ConfigError(f"{where}: text {text[:40]!r} has {len(ids)} token(s); membership scores need at least 2")
+    return LoglikelihoodRequest(context_ids=ids[:1], continuation_ids=ids[1:], token_logprobs=True, token_stats=stats,
+                                windows="strided")
 
 
 class MIASuite(Suite):
@@ -35,8 +51,7 @@ class MIASuite(Suite):
             if tf not in d or lf not in d:
                 raise ConfigError(f"task {task.name} row {d['_row'] + 1}: needs fields {tf!r} and {lf!r}")
             labels.add(int(d[lf]))
-            req.loglikelihood.append(LoglikelihoodRequest(context="", continuation=str(d[tf]), token_logprobs=True,
-                                                          token_stats=True))
+            req.loglikelihood.append(mimir_request(backend, str(d[tf]), f"task {task.name} row {d['_row'] + 1}"))
             req.meta.append(d)
         if labels != {0, 1}:
             raise ConfigError(f"task {task.name}: membership inference needs both members (1) and non-members (0)")
@@ -47,13 +62,14 @@ class MIASuite(Suite):
         tf = task.options.get("text_field", "text")
         lf = task.options.get("label_field", "label")
         ref = None
-        if self.ref_backend is not None:
-            ref = self.ref_backend.loglikelihood([LoglikelihoodRequest(context="", continuation=str(d[tf]),
-                                                                       token_logprobs=True) for d in docs])
+        if self.ref_backend is not None:  # MIMIR's reference attack: the reference model's own tokens of the text
+            ref = self.ref_backend.loglikelihood([mimir_request(self.ref_backend, str(d[tf]),
+                                                                f"task {task.name} row {d['_row'] + 1}", stats=False)
+                                                  for d in req.meta])
         rows = []
         for i, (d, r) in enumerate(zip(req.meta, resp.loglikelihood)):
             lp = r.token_logprobs
-            row = {"id": task.doc_id(d), "label": int(d[lf]), "n_tokens": r.n_tokens,
+            row = {"id": task.doc_id(d), "label": int(d[lf]), "n_tokens": r.n_tokens, "truncated": r.truncated,
                    "loss": mia_loss(lp), "zlib": mia_zlib(lp, str(d[tf])), "min_k": mia_min_k(lp, k),
                    "min_k_pp": mia_min_k_plus_plus(lp, r.token_mu, r.token_sigma, k)}
             if ref is not None:
@@ -62,6 +78,12 @@ class MIASuite(Suite):
                 row[task.bucket_by] = task.bucket_value(d)
             rows.append(row)
         return rows
+
+    def conventions(self, task, seed) -> dict:
+        out = super().conventions(task, seed)
+        out["mia_scored_tokens"] = "mimir: tokens 1..n-1 of tokenizer(text) (mimir/models.py get_probabilities)"
+        out["mia_windows"] = "mimir: max_length-token windows every max_length // 2 tokens"
+        return out
 
     def summarize(self, task, rows, seed) -> dict:
         out = {}

@@ -21,7 +21,7 @@ TARGETS = {
 
 
 def summarize(results: dict) -> dict:
-    """Acceptance numbers from the ``results`` section of a results.json holding the testbed tasks."""
+    """Acceptance numbers from the ``metrics`` section of a results.json holding the testbed tasks."""
     recall = {int(k): v["exact_match"] for k, v in results["testbed_recall"]["buckets"].items()}
     extract = {k: v["extractable"] for k, v in results["testbed_canaries"]["buckets"].items()}
     by_dup = {int(k[3:]): v for k, v in extract.items() if k.startswith("dup")}
