@@ -147,14 +147,17 @@ def main() -> int:
                     t = time.perf_counter()
                     outs[name] = fn()
                     times[name].append(time.perf_counter() - t)
+            n_bad = 0
             for v in variants:
                 bad = compare(kind, outs[v], outs["lm-eval"])
+                n_bad += len(bad)
                 if bad:
                     failures.append(f"{task.name} {kind} ({v}): {len(bad)} of {len(reqs)} differ; " + "; ".join(bad[:3]))
             med = {k: statistics.median(v) for k, v in times.items()}
             rows.append((task.name, kind, len(reqs), med))
-            print(f"  {task.name} {kind}: n={len(reqs)} " + ", ".join(f"{k} {s:.2f}s" for k, s in med.items()),
-                  file=sys.stderr, flush=True)
+            # progress on stderr as it goes (equality included), so a run cut short still tells something
+            print(f"  {task.name} {kind}: n={len(reqs)} " + ", ".join(f"{k} {s:.2f}s" for k, s in med.items())
+                  + f", {'equal' if not n_bad else f'{n_bad} DIFFER'}", file=sys.stderr, flush=True)
 
     dev = f"cuda:{torch.cuda.get_device_name(0)}" if ours.device.type == "cuda" else "cpu"
     print(f"model {lm.name} ({args.model_args}), device {dev}, threads {torch.get_num_threads()}, batch {args.batch_size}, "
