@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import sys
@@ -120,8 +121,9 @@ def prune(model, spec: PruneSpec, calibration: Calibration | None = None, *, dev
             for name, ref in blk.linears.items():
                 method.prune_linear(ref, stats[name], targets[blk.index], n, m, spec, notes)
 
-        run_blockwise(model, calibration, device=device, batch_size=batch_size, offload=offload,
-                      collect=lambda b: _stat_hooks(b, method, store), process=process, quiet=quiet)
+        with method.precision() if hasattr(method, "precision") else contextlib.nullcontext():
+            run_blockwise(model, calibration, device=device, batch_size=batch_size, offload=offload,
+                          collect=lambda b: _stat_hooks(b, method, store), process=process, quiet=quiet)
     measured = sparsity_report(model)
     return PruningReport(
         method=spec.method, structure=spec.structure, profile=spec.profile, target_sparsity=spec.sparsity,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from llmmem.models import LinearRef
-from llmmem.pruning.masks import apply_mask, nm_mask, threshold_mask
+from llmmem.pruning.masks import apply_mask, kth_smallest, nm_mask, threshold_mask
 
 
 class Magnitude:
@@ -29,4 +29,4 @@ def global_magnitude_threshold(refs: list[LinearRef], sparsity: float) -> float:
     """``sorted(|W| over every block linear)[int(numel * s)]`` (one threshold for the whole model)."""
     flat = torch.cat([r.weight.detach().abs().flatten().float().cpu() for r in refs])
     k = min(int(flat.numel() * sparsity), flat.numel() - 1)
-    return float(torch.kthvalue(flat, k + 1).values)
+    return float(kth_smallest(flat, k + 1))

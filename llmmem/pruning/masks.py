@@ -14,22 +14,46 @@ from torch import nn
 from llmmem.config import ConfigError
 
 
+def kth_smallest(x: torch.Tensor, k: int, dim: int | None = None) -> torch.Tensor:
+    """The k-th smallest value (1-based) of ``x`` flattened, or along ``dim`` (kept as a size-1 dim).
+
+    The value ``sort(x)[k - 1]`` is, found by selection: numpy's introselect on the CPU (30-60x faster
+    than ``torch.kthvalue`` there), ``torch.kthvalue`` elsewhere.
+    """
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        import numpy as np
+
+        a = (x.float() if x.dtype == torch.bfloat16 else x).detach().numpy()
+        if dim is None:
+            return torch.tensor(np.partition(a.ravel(), k - 1)[k - 1], dtype=x.dtype)
+        part = np.partition(a, k - 1, axis=dim)
+        return torch.from_numpy(np.take(part, [k - 1], axis=dim)).to(x.dtype)
+    if dim is None:
+        return torch.kthvalue(x.flatten(), k).values
+    return torch.kthvalue(x, k, dim=dim, keepdim=True).values
+
+
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Prune the ``int(d_in * sparsity)`` lowest scores of every row (stable sort)."""
+    """Prune the ``int(d_in * sparsity)`` lowest scores of every row, as the first k of a stable sort.
+
+    Found by selection instead of a sort (half the time): every score below the row's k-th smallest,
+    then the leftmost of the scores equal to it until k are pruned (the stable sort's tie order).
+    """
     k = int(scores.shape[1] * sparsity)
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if k > 0:
-        idx = torch.sort(scores, dim=-1, stable=True)[1][:, :k]
-        mask.scatter_(1, idx, True)
-    return mask
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    kth = kth_smallest(scores, k, dim=1)
+    less = scores < kth
+    tie = scores == kth
+    return less | (tie & (tie.cumsum(1) <= k - less.sum(1, keepdim=True)))
 
 
 def threshold_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune every score ``<=`` the ``int(numel * sparsity)``-th smallest (reference magnitude)."""
     if sparsity <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    flat = torch.sort(scores.flatten())[0]
-    thresh = flat[min(int(scores.numel() * sparsity), flat.numel() - 1)]
+    k = min(int(scores.numel() * sparsity), scores.numel() - 1)  # sorted(scores)[k], by selection
+    thresh = kth_smallest(scores, k + 1)
     return scores <= thresh
 
 
@@ -47,7 +71,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> None:
     """Zero the masked entries in place (``weight`` may be a transposed view)."""
-    weight[mask] = 0
+    weight.masked_fill_(mask, 0)
 
 
 def linear_sparsity(weight: torch.Tensor) -> float:

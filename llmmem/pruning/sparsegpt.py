@@ -4,33 +4,110 @@
 processed in blocks of ``blocksize``; within a block the mask is chosen on ``w^2 / [H^-1]_cc^2`` (per block
 for unstructured, per M-column group for N:M) and each pruned weight's error is propagated to the
 not-yet-processed columns through the upper Cholesky factor of ``H^-1``.
+
+Speed (same algorithm, same masks; floating-point order differs from the reference only in the order of
+the sums): linears fed the same input tensor (q/k/v, gate/up) share one Hessian and one Cholesky factor;
+the column loop works on the transposed weight (a column is a contiguous row) and propagates each
+column's error only inside a sub-block of ``SUBBLOCK`` columns, the rest of the block receiving the
+sub-block's errors in one matrix product (the lazy-batch trick of GPTQ, one level down).
+
+TF32 is off for the whole SparseGPT run (the block forward passes, the Hessian accumulation and the OBS
+update), as in the reference's ``sparsegpt.py``, which turns it off globally at import; the caller's
+settings are restored afterwards, also on error (:func:`full_fp32_matmul`). ``HessianStats.add`` and
+:func:`sparsegpt_reconstruct` turn it off themselves for other callers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
 import torch
 
 from llmmem.models import LinearRef
+from llmmem.pruning.masks import kth_smallest
 
 log = logging.getLogger(__name__)
 
+SUBBLOCK = 32  # columns whose errors are propagated one by one before a matrix-product update
+
+
+@contextlib.contextmanager
+def full_fp32_matmul():
+    """Turn TF32 (and reduced-precision float32 matmuls) off inside; restore the caller's settings after.
+
+    The reference sets ``torch.backends.cuda.matmul.allow_tf32 = False`` and
+    ``torch.backends.cudnn.allow_tf32 = False``. Torch >= 2.9 spells these ``fp32_precision = "ieee"``
+    per backend and refuses to read the old flags once the new ones were used, so the new API is used
+    where it exists (the settings are saved and restored exactly), the old flags otherwise.
+    """
+    b = torch.backends
+    new_api = [o for o in (getattr(b.cuda, "matmul", None), getattr(getattr(b, "cudnn", None), "conv", None),
+                           getattr(getattr(b, "cudnn", None), "rnn", None),
+                           getattr(getattr(b, "mkldnn", None), "matmul", None))
+               if o is not None and hasattr(o, "fp32_precision")]
+    if new_api:
+        saved = [o.fp32_precision for o in new_api]
+        try:
+            for o in new_api:
+                o.fp32_precision = "ieee"
+            yield
+        finally:
+            for o, v in zip(new_api, saved):
+                o.fp32_precision = v
+    else:  # pragma: no cover - torch < 2.9
+        matmul, cudnn = b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32
+        try:
+            b.cuda.matmul.allow_tf32 = False
+            b.cudnn.allow_tf32 = False
+            yield
+        finally:
+            b.cuda.matmul.allow_tf32 = matmul
+            b.cudnn.allow_tf32 = cudnn
+
 
 class HessianStats:
-    def __init__(self, d_in: int, device):
+    """``H`` accumulated one calibration sequence at a time with the reference's running-mean update.
+
+    ``shared``: a dict owned by the caller (one per pruning run). Linears whose forward hooks receive
+    the same input (the same memory, view and version: q/k/v projections, gate/up, even through
+    ``detach()``) then hold one Hessian tensor: the first computes it, the others adopt it. The dict
+    holds those inputs alive (so their memory cannot be reused meanwhile); the caller clears it once a
+    block's statistics pass is over.
+    """
+
+    def __init__(self, d_in: int, device, shared: dict | None = None):
         self.H = torch.zeros((d_in, d_in), dtype=torch.float32, device=device)
         self.nsamples = 0
+        self.shared = shared
 
     def add(self, x: torch.Tensor) -> None:
+        if self.shared is not None:
+            key = _input_key(x)
+            hit = self.shared.get(key)
+            # the same input, added to a Hessian that was in our state before
+            if hit is not None and hit[1] == self.nsamples and hit[3].shape == self.H.shape:
+                self.H, self.nsamples = hit[3], hit[2]
+                return
+            before = self.nsamples
+        src = x
         if x.dim() == 2:
             x = x.unsqueeze(0)
-        for seq in x.reshape(x.shape[0], -1, x.shape[-1]):  # one sequence at a time, as the reference
-            self.H *= self.nsamples / (self.nsamples + 1)
-            self.nsamples += 1
-            inp = math.sqrt(2 / self.nsamples) * seq.float()
-            self.H += inp.t() @ inp
+        with full_fp32_matmul():
+            for seq in x.reshape(x.shape[0], -1, x.shape[-1]):  # one sequence at a time, as the reference
+                self.H *= self.nsamples / (self.nsamples + 1)
+                self.nsamples += 1
+                inp = math.sqrt(2 / self.nsamples) * seq.float()
+                self.H += inp.t() @ inp
+        if self.shared is not None:
+            self.shared[key] = (src, before, self.nsamples, self.H)
+
+
+def _input_key(x: torch.Tensor) -> tuple:
+    """Identifies a tensor's values while the tensor is alive: its memory, view and version counter."""
+    return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()), x.dtype,
+            x.device, x._version)
 
 
 def _inverse_cholesky(H: torch.Tensor, percdamp: float, where: str, notes: list) -> torch.Tensor:
@@ -53,63 +130,102 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float, where: str, notes: list)
     raise RuntimeError(f"{where}: Hessian is not positive definite even with heavy dampening")
 
 
-def sparsegpt_reconstruct(W: torch.Tensor, H: torch.Tensor, sparsity: float, n: int, m: int,
-                          blocksize: int = 128, percdamp: float = 0.01, where: str = "",
-                          notes: list | None = None) -> torch.Tensor:
-    """Return the pruned and reconstructed ``W`` ([out, in], float32)."""
-    notes = notes if notes is not None else []
-    W = W.clone().float()
+def _prepare(H: torch.Tensor, percdamp: float, where: str, notes: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dead input columns, upper Cholesky factor of the dampened inverse), as the reference."""
     H = H.clone()
-    rows, cols = W.shape
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    W[:, dead] = 0
-    U = _inverse_cholesky(H, percdamp, where, notes)
+    return dead, _inverse_cholesky(H, percdamp, where, notes)
+
+
+def _obs_columns(Wt: torch.Tensor, U: torch.Tensor, sparsity: float, n: int, m: int, blocksize: int) -> None:
+    """Prune and reconstruct in place; ``Wt`` is the weight transposed, [in, out] (one column per row).
+
+    Column i's error ``e_i = (w_i - q_i) / d_i`` (``w_i`` where pruned, 0 where kept) is subtracted from
+    the columns of its sub-block at once (``U[i, j] = 0`` for ``j < i``, and the column itself is not read
+    again), from the rest of the block after the sub-block, and from the columns after the block after
+    the block, each time as ``e U[i, j]``: the reference's updates, grouped.
+    """
+    cols = Wt.shape[0]
+    dU = torch.diag(U)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        W1 = Wt[i1:i2]  # updated in place; row i is final once column i is reached
+        E1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
-        d1 = torch.diag(U1)
+        d1 = dU[i1:i2].reshape(-1, 1)
         if m == 0:
-            score = W1 ** 2 / d1.reshape(1, -1) ** 2
-            thresh = torch.sort(score.flatten())[0][int(score.numel() * sparsity)]
-            mask1 = score <= thresh
+            score = W1 ** 2 / d1 ** 2  # the reference's sorted(score)[k], found by selection
+            mask1 = score <= kth_smallest(score, int(score.numel() * sparsity) + 1)
+            scale = mask1 / d1  # 1/d where pruned, 0 where kept
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        for i in range(count):
-            w = W1[:, i]
-            d = U1[i, i]
-            if m and i % m == 0:
-                score = W1[:, i:i + m] ** 2 / d1[i:i + m].reshape(1, -1) ** 2
-                mask1.scatter_(1, i + torch.topk(score, n, dim=1, largest=False)[1], True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    return W
+            scale = torch.zeros_like(W1)
+        w_rows, e_rows, s_rows = W1.unbind(0), E1.unbind(0), scale.unbind(0)
+        for s1 in range(0, count, SUBBLOCK):
+            s2 = min(s1 + SUBBLOCK, count)
+            W_sub, u_rows = W1[s1:s2], U1[s1:s2, s1:s2].unbind(0)
+            for i in range(s1, s2):
+                if m and i % m == 0:
+                    score = W1[i:i + m] ** 2 / d1[i:i + m] ** 2
+                    mask1[i:i + m].scatter_(0, torch.topk(score, n, dim=0, largest=False)[1], True)
+                    torch.div(mask1[i:i + m], d1[i:i + m], out=scale[i:i + m])
+                torch.mul(w_rows[i], s_rows[i], out=e_rows[i])
+                W_sub.addr_(u_rows[i - s1], e_rows[i], alpha=-1)
+            if s2 < count:
+                W1[s2:].addmm_(U1[s1:s2, s2:].t(), E1[s1:s2], alpha=-1)
+        W1.masked_fill_(mask1, 0)
+        if i2 < cols:
+            Wt[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1)
+
+
+def sparsegpt_reconstruct(W: torch.Tensor, H: torch.Tensor, sparsity: float, n: int, m: int,
+                          blocksize: int = 128, percdamp: float = 0.01, where: str = "",
+                          notes: list | None = None, prepared: tuple | None = None) -> torch.Tensor:
+    """Return the pruned and reconstructed ``W`` ([out, in], float32).
+
+    ``prepared``: ``_prepare(H, percdamp, ...)`` computed once for linears that share ``H``.
+    """
+    notes = notes if notes is not None else []
+    with full_fp32_matmul():
+        dead, U = prepared if prepared is not None else _prepare(H, percdamp, where, notes)
+        Wt = W.t().float().clone(memory_format=torch.contiguous_format)
+        Wt[dead] = 0
+        _obs_columns(Wt, U, sparsity, n, m, blocksize)
+        return Wt.t()
 
 
 class SparseGPT:
     name = "sparsegpt"
     needs_calibration = True
 
+    def __init__(self):
+        self._inputs: dict = {}  # block input tensors -> shared Hessians (see HessianStats)
+        self._prepared: tuple | None = None  # (H, percdamp, prepared) of the last linear pruned
+
+    def precision(self):
+        """The whole run (forward passes included) without TF32, as the reference, which sets it at import."""
+        return full_fp32_matmul()
+
     def new_stats(self, ref: LinearRef) -> HessianStats:
-        return HessianStats(ref.in_features, ref.weight.device)
+        return HessianStats(ref.in_features, ref.weight.device, shared=self._inputs)
 
     def scores(self, ref: LinearRef, stats) -> torch.Tensor:  # used by profiles only
         raise NotImplementedError
 
     def prune_linear(self, ref: LinearRef, stats: HessianStats, sparsity: float, n: int, m: int, spec,
                      notes: list) -> None:
+        self._inputs.clear()  # the statistics pass of this block is over
         if sparsity <= 0 and not m:
             return
+        last = self._prepared
+        if last is not None and last[0] is stats.H and last[1] == spec.percdamp:
+            prepared = last[2]
+        else:
+            with full_fp32_matmul():
+                prepared = _prepare(stats.H, spec.percdamp, ref.name, notes)
+            self._prepared = (stats.H, spec.percdamp, prepared)
         W = sparsegpt_reconstruct(ref.weight, stats.H, sparsity, n, m, spec.blocksize, spec.percdamp,
-                                  where=ref.name, notes=notes)
+                                  where=ref.name, notes=notes, prepared=prepared)
         ref.weight.copy_(W.to(ref.weight.dtype))
