@@ -129,16 +129,16 @@ def _single_cell_run(args, cell, *, settings, include_path=None, run_dir=None, s
                      save_format="fake", prepare_steps=True):
     """Validate the chain (before any model loads), load the model once, run the cell."""
     from llmmem.interventions import PrepareEnv
-    from llmmem.models import resolve
+    from llmmem.sources import ensure_model
 
     if prepare_steps:
         env = PrepareEnv(include_path=include_path, model=cell.model.name)
         for step in cell.chain:
             step.intervention.prepare(step.spec, env)
+    ensure_model(cell.model)  # a preset not there yet is fetched or built now, after validation (saying so)
     setup_torch(settings)
     from llmmem.runner import Session, run_cell
 
-    resolve(cell.model)
     session = Session(cell.model, batch_size=_batch(settings, cell), quiet=settings.quiet, include_path=include_path,
                       need_tokenizer=need_tokenizer, keep_dense=False)
     try:
@@ -210,10 +210,10 @@ def cmd_eval(args) -> int:
     check_backend(ev.backend)
     if ev.mia_reference:
         model_spec_from_args(ev.mia_reference, None)
-    if not Path(spec.name).expanduser().exists():
-        from llmmem.models import resolve
+    from llmmem.sources import check_model, needs_build
 
-        resolve(spec)  # unknown preset / offline hub id; a local preset (the testbed) is built first
+    if not Path(spec.name).expanduser().exists():
+        check_model(spec)  # unknown preset / offline hub id (a preset is built after validation)
     include = with_model_tasks(args.include_path, [spec.name])
     tasks = resolve_tasks(names, include)
     check_tasks(tasks, ev.limit_for)
@@ -222,6 +222,11 @@ def cmd_eval(args) -> int:
     cd = CellDir(args.output_path, cell.name())
     if cd.done and not args.overwrite:
         raise ConfigError(f"cell {cd.path} is already finished; pass --overwrite to redo it")
+    if needs_build(spec):  # the preset's own tasks replace the ones checked before it was built
+        from llmmem.sources import ensure_model
+
+        ensure_model(spec)
+        include = with_model_tasks(args.include_path, [spec.name])
     payload = _single_cell_run(args, cell, settings=settings, include_path=include, run_dir=args.output_path)
     from llmmem.report import buckets_table, metrics_table
 
@@ -358,10 +363,11 @@ def cmd_unlearn(args) -> int:
     check_output_path("output_path", output)
     from pathlib import Path
 
-    if not Path(mspec.name).expanduser().exists():
-        from llmmem.models import resolve
+    from llmmem.interventions import PrepareEnv
+    from llmmem.sources import check_model, ensure_model, needs_build
 
-        resolve(mspec)  # a local preset (the testbed) is built first, saying so
+    if not Path(mspec.name).expanduser().exists():
+        check_model(mspec)  # a preset not built yet (the testbed) is checked against its tasks, built below
     include = with_model_tasks(None, [mspec.name])
     if spec.utility_tasks:
         from llmmem.evaluation import check_tasks, resolve_tasks
@@ -370,17 +376,21 @@ def cmd_unlearn(args) -> int:
     if spec.reference_model:
         ref = model_spec_from_args(spec.reference_model, None)
         if not Path(ref.name).expanduser().exists():
-            from llmmem.models import resolve
-
-            resolve(ref)
+            check_model(ref)
     cell = Cell(mspec, (Step("unlearn", spec),), EvalSpec(), seed)
+    cell.chain[0].intervention.prepare(spec, PrepareEnv(include_path=include, model=mspec.name))
     from llmmem.results import CellDir
 
     if CellDir(output, cell.name()).done and not args.overwrite:
         raise ConfigError(f"cell {Path(output) / cell.name()} is already finished; pass --overwrite to redo it")
     settings = RunSettings(seed=seed, quiet=args.quiet, threads=args.threads,
                            batch_size=64)  # the tracker's evaluation batch
-    payload = _single_cell_run(args, cell, settings=settings, include_path=include, run_dir=output)
+    for m in [mspec] + ([ref] if spec.reference_model else []):
+        if needs_build(m):
+            ensure_model(m)  # after validation, saying so
+    include = with_model_tasks(None, [mspec.name])
+    payload = _single_cell_run(args, cell, settings=settings, include_path=include, run_dir=output,
+                               prepare_steps=False)
     u, m = payload["unlearning"], payload["metrics"]
     ratio = (u.get("utility_retained") or {}).get("retain_loss_ratio")
     print(f"{spec.method}: forget extractable {m['unlearn_forget_initial']['extractable']:.2f} -> "

@@ -32,9 +32,15 @@ class Preset:
     description: str
     hub_id: str | None
     fetch: Callable[[Path, bool], None]  # (destination dir, quiet) -> writes an HF checkpoint there
+    # (destination dir) -> writes into dir/tasks the tasks the built preset ships, without building it (so a
+    # command is validated before a preset that takes minutes to build is built)
+    tasks: Callable[[Path], None] | None = None
 
     def local_dir(self) -> Path:
         return llmmem_home() / "models" / self.name
+
+    def built(self) -> bool:
+        return (self.local_dir() / "config.json").exists()
 
 
 PRESETS: Registry[Preset] = Registry("preset")
@@ -153,13 +159,46 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def _fetch_testbed(dest: Path, quiet: bool) -> None:
     from llmmem.testbed.train import build_testbed
 
-    log.info("building the testbed (preset small, seed 0): trains a small model on this machine, once (~4.5 min on one CPU core)")
+    log.info("building the testbed (preset small, seed 0) into %s: trains a small model on this machine, once "
+             "(~4.5 min on one CPU core)", dest)
     build_testbed(dest, preset="small", seed=0, overwrite=True, quiet=quiet)
+
+
+def _testbed_tasks(dest: Path) -> None:
+    from llmmem.testbed.train import preset_tasks
+
+    preset_tasks(dest, preset="small", seed=0)
+
+
+_previews: dict[str, Path] = {}
+
+
+def preset_task_dir(name: str) -> Path | None:
+    """The ``tasks/`` a preset ships: its built directory's, or - not built yet - the same files written once
+    per process into a temporary directory (removed at exit) by the preset's ``tasks`` function, so task names
+    and data are checked before the preset is built. None when the preset ships no tasks."""
+    preset = PRESETS.get(name)
+    if preset.built():
+        d = preset.local_dir() / "tasks"
+        return d if d.is_dir() else None
+    if preset.tasks is None:
+        return None
+    if name not in _previews:
+        import atexit
+        import shutil
+
+        tmp = Path(tempfile.mkdtemp(prefix=f"llmmem-{name}-tasks-"))
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        preset.tasks(tmp)
+        _previews[name] = tmp
+    d = _previews[name] / "tasks"
+    return d if d.is_dir() else None
 
 
 PRESETS.register(
     "testbed",
     Preset(name="testbed", description="synthetic-world testbed with ground truth (preset small, seed 0); "
-                                       "trained locally on first use", hub_id=None, fetch=_fetch_testbed),
+                                       "trained locally on first use", hub_id=None, fetch=_fetch_testbed,
+                   tasks=_testbed_tasks),
     "the testbed model",
 )

@@ -181,11 +181,13 @@ class PlannedCell:
         return self.cell.seed
 
 
-def prepare(spec: SweepSpec) -> dict:
-    """Everything that can be checked before a model loads. Returns {model display name: tasks}."""
+def prepare(spec: SweepSpec, build: bool = True) -> dict:
+    """Everything that can be checked before a model loads, then (``build``) the presets that are built locally
+    and not built yet (the testbed: checked against its tasks before it is built). Returns {model display
+    name: tasks}."""
     from llmmem.backends import check_backend
     from llmmem.evaluation import check_tasks, resolve_tasks
-    from llmmem.models import resolve
+    from llmmem.sources import check_model, ensure_model, needs_build
     from llmmem.tasks import with_model_tasks
 
     check_output_path("output_path", spec.output_path)
@@ -193,7 +195,7 @@ def prepare(spec: SweepSpec) -> dict:
     for entry in spec.models:
         name = entry.spec.name
         if not Path(name).expanduser().exists():
-            resolve(entry.spec)  # unknown preset / hub id while offline -> ConfigError; builds a local preset once
+            check_model(entry.spec)  # unknown preset / hub id while offline -> ConfigError
         entry.include_path = with_model_tasks(spec.include_path, [name])
         tasks = resolve_tasks(spec.eval.tasks, entry.include_path)
         check_tasks(tasks, spec.eval.limit_for)
@@ -203,6 +205,11 @@ def prepare(spec: SweepSpec) -> dict:
             for step in chain:
                 step.intervention.prepare(step.spec, env)
     check_backend(spec.eval.backend)
+    for entry in spec.models:
+        if build and needs_build(entry.spec):
+            ensure_model(entry.spec)  # builds it, saying so; then its own tasks directory replaces the preview
+            entry.include_path = with_model_tasks(spec.include_path, [entry.spec.name])
+            tasks_by_model[entry.spec.display_name] = resolve_tasks(spec.eval.tasks, entry.include_path)
     return tasks_by_model
 
 
@@ -310,7 +317,7 @@ def _summary(results) -> str:
 def run_sweep(spec: SweepSpec, run_dir: Path | None = None, *, overwrite: bool = False, quiet: bool = False,
               dry_run: bool = False, print_fn=print) -> list[PlannedCell]:
     run_dir = Path(run_dir or spec.output_path)
-    tasks_by_model = prepare(spec)
+    tasks_by_model = prepare(spec, build=not dry_run)
     check_old_layout(run_dir)
     evals = {e.spec.display_name: {**spec.eval.canonical(), "model": e.spec.identity()} for e in spec.models}
     check_run_record(run_dir, evals, write=False)
@@ -320,6 +327,11 @@ def run_sweep(spec: SweepSpec, run_dir: Path | None = None, *, overwrite: bool =
             c.done = False
     print_fn(format_plan(cells, spec.warnings))
     if dry_run:
+        from llmmem.sources import needs_build
+
+        for e in spec.models:
+            if needs_build(e.spec):
+                print_fn(f"  note: preset {e.spec.name} is not built yet; a run builds it first")
         return cells
     with RunLock(run_dir):
         check_run_record(run_dir, evals, write=True)

@@ -433,12 +433,10 @@ def model_task_dir(model: str) -> Path | None:
     p = Path(str(model)).expanduser()
     if (p / "tasks").is_dir():
         return p / "tasks"
-    from llmmem.presets import PRESETS
+    from llmmem.presets import PRESETS, preset_task_dir
 
     if str(model) in PRESETS:
-        d = PRESETS.get(str(model)).local_dir() / "tasks"
-        if d.is_dir():
-            return d
+        return preset_task_dir(str(model))  # a preset not built yet: the same tasks, written without building
     return None
 
 

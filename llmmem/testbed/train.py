@@ -326,6 +326,20 @@ def build_testbed(output: str | Path, preset: str = "small", seed: int = 0, over
         extra = {"preset": preset, "train": {k: v for k, v in asdict(cfg).items() if k != "world"},
                  "excluded_canaries": sorted(exclude or []), "training": info}
         (tmp / "world.json").write_text(world_json(world, extra))
-        # tiny is a test fixture: 200 alternatives keep its exposure pass short (noise: llmmem/exposure.py)
-        write_tasks(world, tmp, exposure_alternatives=200 if preset == "tiny" else None)
+        write_tasks(world, tmp, exposure_alternatives=_task_alternatives(preset))
     return out
+
+
+def _task_alternatives(preset: str) -> int | None:
+    # tiny is a test fixture: 200 alternatives keep its exposure pass short (noise: llmmem/exposure.py)
+    return 200 if preset == "tiny" else None
+
+
+def preset_tasks(dest: str | Path, preset: str = "small", seed: int = 0, config: TrainConfig | None = None) -> Path:
+    """Write into ``dest/tasks`` the tasks ``build_testbed(preset=preset, seed=seed)`` ships, without training
+    (the world is a pure function of the seed and its config, ~1 s): commands on a testbed not built yet are
+    validated against its real tasks before the minutes of training start."""
+    cfg = config or preset_config(preset)
+    dest = Path(dest)
+    write_tasks(build_world(seed, cfg.world), dest, exposure_alternatives=_task_alternatives(preset))
+    return dest / "tasks"
