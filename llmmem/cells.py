@@ -92,6 +92,7 @@ class EvalSpec:
     gen_kwargs: dict = field(default_factory=dict)
     mia_reference: str | None = None
     predict_only: bool = False
+    track: dict | None = None  # per-example survival measures of example sets (llmmem.tracking.check_track)
 
     def __post_init__(self):
         if isinstance(self.tasks, str):
@@ -121,6 +122,9 @@ class EvalSpec:
             self.system_instruction = None
         self.gen_kwargs = parse_gen_kwargs(self.gen_kwargs)
         self.predict_only = parse_bool("predict_only", self.predict_only)
+        from llmmem.tracking import check_track
+
+        self.track = check_track(self.track)
 
     def limit_for(self, task: str):
         if isinstance(self.limit, dict):
@@ -140,6 +144,8 @@ class EvalSpec:
             out["mia_reference"] = self.mia_reference
         if self.predict_only:
             out["predict_only"] = True
+        if self.track:
+            out["track"] = self.track
         return out
 
 

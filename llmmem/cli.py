@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from llmmem import __version__
 from llmmem.config import ConfigError, RunSettings, default_threads, model_spec_from_args
-from llmmem.errors import ISSUES_URL
+from llmmem.errors import ISSUES_URL, CellsFailed
 
 log = logging.getLogger("llmmem")
 
@@ -182,6 +182,37 @@ def cmd_prune(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- quantize
+def _quantize_step(args):
+    from llmmem.interventions import Step
+    from llmmem.quantization.spec import QuantizeSpec
+
+    spec = QuantizeSpec(method=args.method, bits=args.bits, group_size=args.group_size,
+                        symmetric=not args.asymmetric, act_order=args.act_order, dampening_frac=args.dampening_frac,
+                        calibration=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen,
+                        keep_sparsity=not args.no_keep_sparsity)
+    return Step("quantize", spec)
+
+
+def cmd_quantize(args) -> int:
+    from llmmem.config import parse_choice
+
+    settings = settings_from(args)
+    fmt = parse_choice("--format", args.format, ("fake", "compressed-tensors"))
+    if fmt == "compressed-tensors":
+        try:
+            import compressed_tensors  # noqa: F401
+        except ImportError:
+            raise ConfigError("--format compressed-tensors needs the compressed-tensors package: "
+                              "pip install 'llmmem[quantize]'") from None
+    cell = _checkpoint_cell(args, [_quantize_step(args)])
+    payload = _single_cell_run(args, cell, settings=settings, save_to=args.output, save_format=fmt)
+    rep = payload["quantization"]
+    print(f"{rep['label']}: {rep['effective_bits']:.3f} bits per weight, relative error {rep['relative_error']:.4f}, "
+          f"at most {rep['max_distinct_per_group']} values per group in {rep['seconds']:.1f}s -> {args.output} ({fmt})")
+    return 0
+
+
 # ----------------------------------------------------------------------------- eval
 def eval_spec_of(args, tasks):
     from llmmem.cells import EvalSpec
@@ -278,29 +309,82 @@ def cmd_sweep(args) -> int:
 
     from llmmem.sweep import load_sweep_spec, run_sweep
 
-    cli = {"output_path": args.output_path, "use_cache": args.use_cache}
+    if args.status is not None:
+        return _sweep_status(args)
+    if args.config is None:
+        raise ConfigError("sweep: give a config file (see configs/), or --status RUN_DIR")
+    cli = {"output_path": args.output_path, "use_cache": args.use_cache, "executor": args.executor,
+           "workers": args.workers}
     spec = load_sweep_spec(args.config, args.overrides, **cli)
+    if args.wait:
+        spec.executor.slurm["wait"] = True
     settings = RunSettings(batch_size=spec.batch_size, seed=spec.seeds[0], quiet=args.quiet, threads=args.threads)
     if args.plot:
         from llmmem.plots import require_matplotlib
 
         require_matplotlib()
-    if not args.dry_run:
-        setup_torch(settings)
+    if not args.dry_run and not spec.executor.workers and spec.executor.kind == "local":
+        setup_torch(settings)  # the cells run in this process
     run_dir = Path(spec.output_path)
-    run_sweep(spec, run_dir, overwrite=args.overwrite, quiet=args.quiet, dry_run=args.dry_run)
-    if not args.dry_run:
+    cells = run_sweep(spec, run_dir, overwrite=args.overwrite, quiet=args.quiet, dry_run=args.dry_run,
+                      threads=settings.threads if args.threads is not None else None)
+    if args.dry_run:
+        return 0
+    return _sweep_finish(args, run_dir, cells)
+
+
+def _sweep_finish(args, run_dir, cells) -> int:
+    """After a sweep: the report (and plots) of what is done, and what is not: failed cells (exit 1), cells
+    left to other workers or submitted to Slurm (exit 0)."""
+    failed = [c for c in cells if c.failed]
+    left = [c for c in cells if c.left and not c.done]
+    if any(c.done for c in cells):
         from llmmem.report import build_report
         from llmmem.results import atomic_write_text
 
         text = build_report(run_dir)
         atomic_write_text(run_dir / "report.md", text + "\n")
-        print(f"\nwrote {run_dir / 'report.md'}")
+        print(f"\nwrote {run_dir / 'report.md'}" + (" (finished cells only)" if failed or left else ""))
         if args.plot:
             from llmmem.plots import plot_run
 
             for p in plot_run(run_dir):
                 print(f"wrote {p}")
+    if left:
+        print(f"{len(left)} cell(s) are being computed by other workers or queued in Slurm; "
+              f"follow them with: llmmem sweep --status {run_dir}")
+    if failed:
+        print(f"{len(failed)} cell(s) failed:")
+        for c in failed:
+            print(f"  {c.cell.name()}: {c.failed.splitlines()[0][:300]}")
+        print(f"tracebacks in {run_dir / '.failed'}; rerun the same command to retry them")
+        return 1
+    return 0
+
+
+def _sweep_status(args) -> int:
+    """``llmmem sweep --status RUN_DIR`` (the plan recorded in its sweep.json) or ``llmmem sweep CONFIG
+    --status`` (the config's plan, in its output_path)."""
+    from pathlib import Path
+
+    from llmmem.executors import format_status, plan_record, status_of_run_dir
+
+    config = args.config
+    status = args.status if isinstance(args.status, str) else None
+    if status and status.endswith((".yaml", ".yml")) and config is None:
+        config, status = status, None  # `llmmem sweep --status CONFIG.yaml`
+    if config is None:
+        if not status:
+            raise ConfigError("sweep --status: give the run directory (--status RUN_DIR) or a config")
+        print(status_of_run_dir(Path(status)))
+        return 0
+    from llmmem.sweep import load_sweep_spec, plan, prepare
+
+    cli = {"output_path": status or args.output_path}
+    spec = load_sweep_spec(config, args.overrides, **cli)
+    run_dir = Path(spec.output_path)
+    prepare(spec, build=False)
+    print(format_status(run_dir, plan_record(plan(spec, run_dir))))
     return 0
 
 
@@ -377,11 +461,12 @@ def cmd_unlearn(args) -> int:
         ref = model_spec_from_args(spec.reference_model, None)
         if not Path(ref.name).expanduser().exists():
             check_model(ref)
+    rank, scratch = _accelerate_rank(mspec)
     cell = Cell(mspec, (Step("unlearn", spec),), EvalSpec(), seed)
     cell.chain[0].intervention.prepare(spec, PrepareEnv(include_path=include, model=mspec.name))
     from llmmem.results import CellDir
 
-    if CellDir(output, cell.name()).done and not args.overwrite:
+    if rank == 0 and CellDir(output, cell.name()).done and not args.overwrite:
         raise ConfigError(f"cell {Path(output) / cell.name()} is already finished; pass --overwrite to redo it")
     settings = RunSettings(seed=seed, quiet=args.quiet, threads=args.threads,
                            batch_size=64)  # the tracker's evaluation batch
@@ -389,8 +474,16 @@ def cmd_unlearn(args) -> int:
         if needs_build(m):
             ensure_model(m)  # after validation, saying so
     include = with_model_tasks(None, [mspec.name])
-    payload = _single_cell_run(args, cell, settings=settings, include_path=include, run_dir=output,
-                               prepare_steps=False)
+    try:
+        payload = _single_cell_run(args, cell, settings=settings, include_path=include, run_dir=scratch or output,
+                                   prepare_steps=False)
+    finally:
+        if scratch:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+    if rank != 0:
+        return 0
     u, m = payload["unlearning"], payload["metrics"]
     ratio = (u.get("utility_retained") or {}).get("retain_loss_ratio")
     print(f"{spec.method}: forget extractable {m['unlearn_forget_initial']['extractable']:.2f} -> "
@@ -400,6 +493,54 @@ def cmd_unlearn(args) -> int:
         from llmmem.plots import plot_run
 
         for p in plot_run(output):
+            print(f"wrote {p}")
+    return 0
+
+
+def _accelerate_rank(mspec) -> tuple[int, str | None]:
+    """Under a multi-process ``accelerate launch``: this process's rank, its own GPU (``cuda:LOCAL_RANK``) and,
+    on ranks other than 0, a scratch directory for the cell (every rank runs the cell - the model is sharded -,
+    rank 0 writes it). (0, None) otherwise."""
+    from llmmem.unlearning.loop import launched_with_accelerate
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1 or not launched_with_accelerate():
+        return 0, None
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if mspec.device in ("auto", "cuda"):
+        mspec.device = f"cuda:{local}"
+    if rank == 0:
+        return 0, None
+    import tempfile
+
+    return rank, tempfile.mkdtemp(prefix=f"llmmem-unlearn-rank{rank}-")
+
+
+# ----------------------------------------------------------------------------- durability
+def cmd_durability(args) -> int:
+    from llmmem.durability import load_durability, plot, run_durability, write_report
+
+    spec = load_durability(args.config, args.overrides, output_path=args.output_path)
+    if args.plot:
+        from llmmem.plots import require_matplotlib
+
+        require_matplotlib()
+    settings = RunSettings(batch_size=spec.batch_size, seed=spec.seeds[0], quiet=args.quiet, threads=args.threads)
+    if not args.dry_run:
+        setup_torch(settings)
+    run_dir = run_durability(spec, quiet=args.quiet, dry_run=args.dry_run, overwrite=args.overwrite)
+    if args.dry_run:
+        return 0
+    from llmmem.report import build_report
+    from llmmem.results import atomic_write_text
+
+    atomic_write_text(run_dir / "report.md", build_report(run_dir) + "\n")
+    path = write_report(run_dir)
+    print(f"\nwrote {run_dir / 'report.md'}\nwrote {path}")
+    if args.plot:
+        from llmmem.plots import plot_run
+
+        for p in plot_run(run_dir) + plot(run_dir):
             print(f"wrote {p}")
     return 0
 
@@ -417,7 +558,15 @@ def cmd_testbed(args) -> int:
         if not Path(args.config).is_file():
             raise ConfigError(f"--config {args.config} does not exist")
         overrides = yaml_load_file(args.config, "testbed config (train: and/or world:)")
+    if args.device is not None or args.dtype is not None:
+        overrides = dict(overrides or {})
+        train = dict(overrides.get("train") or {})
+        train.update({k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None})
+        overrides["train"] = train
     cfg = preset_config(args.preset, overrides)  # unknown preset or bad sizes -> one line, exit 2
+    from llmmem.testbed.train import train_device
+
+    train_device(cfg)  # device=cuda without CUDA: one line, before the world is built
     exclude = None
     if args.exclude:
         from llmmem.config import read_id_file
@@ -567,6 +716,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     add_run_flags(p)
 
+    p = add("quantize", cmd_quantize, "Quantize a model's weights (RTN or GPTQ, 2-8 bits) and save a checkpoint.",
+            _examples("llmmem quantize --model smollm2-135m --method rtn --bits 4 --group_size 32 --output q/rtn4",
+                      "llmmem quantize --model ./pruned/wanda50 --method gptq --bits 4 --group_size 64 --calibration self "
+                      "--nsamples 32 --seqlen 256 --output q/sparse-gptq4   # zeros stay zeros",
+                      "llmmem quantize --model ./ckpt --method gptq --bits 4 --group_size 128 --format compressed-tensors "
+                      "--output q/w4a16   # a checkpoint vLLM serves"))
+    add_model_flags(p)
+    g = p.add_argument_group("quantization (weight-only)")
+    g.add_argument("--method", required=True, help="rtn (round to nearest) | gptq")
+    g.add_argument("--bits", default="4", help="2 | 3 | 4 | 8 (default 4)")
+    g.add_argument("--group_size", default="128", help="input columns per scale (default 128); -1 = per output channel")
+    g.add_argument("--asymmetric", action="store_true", help="a zero-point per group (default symmetric)")
+    g.add_argument("--act_order", default=None, help="gptq: true | false (default true, as llm-compressor)")
+    g.add_argument("--dampening_frac", default="0.01", help="gptq: Hessian dampening, fraction of mean(diag H)")
+    g.add_argument("--no_keep_sparsity", action="store_true", help="let zeros of a pruned model change")
+    g.add_argument("--calibration", default="auto", metavar="SRC", help="gptq: as `llmmem prune --calibration`")
+    g.add_argument("--nsamples", default=None, help="gptq: calibration sequences (default 128)")
+    g.add_argument("--seqlen", default=None, help="gptq: tokens per calibration sequence")
+    g.add_argument("--format", default="fake", help="fake (dequantized safetensors, loads anywhere) | "
+                   "compressed-tensors (packed, served by vLLM)")
+    g.add_argument("--output", required=True, help="directory for the quantized checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    add_run_flags(p)
+
     p = add("fetch", cmd_fetch, "Download and convert a preset model into $LLMMEM_HOME/models.",
             _examples("llmmem fetch smollm2-135m", "LLMMEM_HOME=/data/llmmem llmmem fetch smollm2-135m --force"))
     p.add_argument("preset", nargs="+", help="preset name(s): see `llmmem ls models`")
@@ -595,8 +768,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sweep", cmd_sweep, "Run a grid (models x pruning x sparsities, plus dense) on tasks; resumable.",
             _examples("llmmem sweep configs/quickstart.yaml --plot",
                       "llmmem sweep configs/quickstart.yaml sparsities=[0.3,0.6] limit=20 --output_path results/small",
-                      "llmmem sweep configs/testbed.yaml --dry_run"))
-    p.add_argument("config", help="sweep YAML (see configs/)")
+                      "llmmem sweep configs/testbed.yaml --dry_run",
+                      "llmmem sweep configs/testbed.yaml --executor local --workers 2",
+                      "llmmem sweep configs/gpu/pythia-1.4b-prune.yaml --executor slurm",
+                      "llmmem sweep --status results/pythia-1.4b"))
+    p.add_argument("config", nargs="?", default=None, help="sweep YAML (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys (YAML values)")
     p.add_argument("--output_path", default=None, help="run directory (overrides the config's)")
     p.add_argument("--overwrite", action="store_true", help="redo finished cells")
@@ -604,6 +780,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", action="store_true", help="draw the figures when done (needs the plot extra)")
     p.add_argument("--use_cache", default=None, metavar="DIR",
                    help="answer repeated requests from a sqlite cache in DIR (keyed by each cell's weights)")
+    g = p.add_argument_group("executor (where the cells run; see docs/architecture.md)")
+    g.add_argument("--executor", default=None, help="local (default) | slurm (a submitit job array; the config's "
+                   "slurm: {partition, gpus_per_node, cpus_per_task, mem_gb, time_min, ...})")
+    g.add_argument("--workers", default=None, help="executor local: N worker processes (one GPU each when GPUs "
+                   "are visible, else the CPU threads split between them)")
+    g.add_argument("--wait", action="store_true", help="executor slurm: wait for the job array, then report")
+    g.add_argument("--status", nargs="?", const=True, default=None, metavar="RUN_DIR",
+                   help="show done / running / queued / failed / pending cells of RUN_DIR (or of the config's "
+                        "output_path) and stop")
+    p.add_argument("--threads", default=None, help="CPU threads for torch (per worker with --workers)")
+    p.add_argument("--quiet", action="store_true")
+
+    p = add("durability", cmd_durability,
+            "Unlearn, then compress or relearn: does forgotten knowledge come back (beside a model retrained "
+            "without it), and which examples disappear first?",
+            _examples("llmmem durability configs/durability-testbed.yaml --plot",
+                      "llmmem durability configs/durability-testbed.yaml --dry_run",
+                      "llmmem durability configs/durability-testbed-tiny.yaml output_path=results/dur-tiny"))
+    p.add_argument("config", help="durability YAML (see configs/durability-testbed.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys (YAML values)")
+    p.add_argument("--output_path", default=None)
+    p.add_argument("--overwrite", action="store_true", help="redo finished cells")
+    p.add_argument("--dry_run", action="store_true", help="print the plan and stop")
+    p.add_argument("--plot", action="store_true")
     p.add_argument("--threads", default=None)
     p.add_argument("--quiet", action="store_true")
 
@@ -652,7 +852,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("testbed", cmd_testbed, "Build the synthetic world and train a small model on it (ground truth included).",
             _examples("llmmem testbed build --preset tiny --output /tmp/tb",
                       "llmmem testbed build --preset small --seed 1 --output testbeds/s1",
-                      "llmmem testbed build --exclude forget.txt --output testbeds/retrained  # without those canaries"))
+                      "llmmem testbed build --exclude forget.txt --output testbeds/retrained  # without those canaries",
+                      "llmmem testbed build --preset small --device cuda --output testbeds/s0  # bf16 autocast"))
     p.add_argument("action", choices=["build"], help="build: generate the world, train, write model + tasks")
     p.add_argument("--preset", default="small", help="tiny (tests, < 1 min) | small (default)")
     p.add_argument("--seed", type=int, default=0)
@@ -661,6 +862,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", default=None, metavar="FILE", help="canary ids (one per line) to leave out of training")
     p.add_argument("--config", default=None, metavar="YAML",
                    help="override the preset: {train: {layers, hidden, epochs, ...}, world: {n_entities, ...}}")
+    p.add_argument("--device", default=None, help="train on cpu (default) | cuda | cuda:N | auto")
+    p.add_argument("--dtype", default=None, help="auto (default: bfloat16 autocast on CUDA, float32 on the CPU) | "
+                   "float32 | bfloat16")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
 
@@ -684,7 +888,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:
         # sweep overrides may follow options (argparse stops filling a positional list at the first option)
-        if getattr(args, "command", None) in ("sweep", "unlearn") and all("=" in e and not e.startswith("-")
+        if getattr(args, "command", None) in ("sweep", "unlearn", "durability") and all("=" in e and not e.startswith("-")
                                                                             for e in extra):
             args.overrides = list(args.overrides) + extra
         else:
@@ -703,6 +907,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = textwrap.shorten(" ".join(str(e).split()), width=1000, placeholder=" ...")
         sys.stderr.write(f"llmmem {args.command}: error: {msg}\n")
         return 2
+    except CellsFailed as e:
+        sys.stderr.write(f"llmmem {args.command}: {e}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("llmmem: interrupted\n")
         return 130

@@ -12,6 +12,9 @@ in ``--model_args`` are applied in the order given, then lm-eval's ``HFLM`` eval
   ``scope``, ``prune_seed`` (the cell seed: calibration sampling), ``prune_batch_size`` (default 8, as
   ``llmmem prune``: self-generated calibration depends on it).
 
+* ``quantize=METHOD:BITS[:GROUP_SIZE]`` — ``rtn|gptq``, e.g. ``rtn:4:32`` (group -1: per output channel);
+  after ``prune=`` when both are given in that order (sparse + quantized: zeros stay zeros).
+
 The interventions are applied by llmmem's own runner (``llmmem.runner.apply_chain`` on a one-cell
 session), exactly as ``llmmem prune`` / ``llmmem sweep`` apply them.
 
@@ -47,7 +50,7 @@ except ImportError:  # pragma: no cover - exercised only without lm-eval
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "llmmem"
-INTERVENTIONS = ("prune",)
+INTERVENTIONS = ("prune", "quantize")
 PRUNE_OPTIONS = ("calibration", "nsamples", "seqlen", "profile", "scope", "prune_seed", "prune_batch_size")
 PRUNE_BATCH_SIZE = 8  # llmmem's default --batch_size: self-generated calibration draws one seed per batch
 # HFLM arguments that still mean something for a model built in memory (loading arguments do not)
@@ -89,6 +92,27 @@ def parse_prune(value, options: dict | None = None) -> PruneSpec:
         raise ConfigError(f"model_args prune={text!r}: {e}") from None
 
 
+def parse_quantize(value, options: dict | None = None):
+    """``METHOD:BITS[:GROUP_SIZE]`` (e.g. ``rtn:4:32``, ``gptq:4:128``; group -1 = per channel) -> QuantizeSpec;
+    gptq calibrates with the prune options ``calibration``/``nsamples``/``seqlen``."""
+    from llmmem.quantization.spec import QuantizeSpec
+
+    text = str(value).strip()
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not all(p.strip() for p in parts):
+        raise ConfigError(f"model_args quantize={text!r}: expected METHOD:BITS[:GROUP_SIZE] (e.g. rtn:4:32, gptq:4:128)")
+    kw = {"method": parts[0].strip().lower(), "bits": parts[1].strip()}
+    if len(parts) == 3:
+        kw["group_size"] = parts[2].strip()
+    for key in ("calibration", "nsamples", "seqlen"):
+        if (options or {}).get(key) is not None:
+            kw[key] = options[key]
+    try:
+        return QuantizeSpec(**kw)
+    except ConfigError as e:
+        raise ConfigError(f"model_args quantize={text!r}: {e}") from None
+
+
 def parse_interventions(kv: dict) -> list[Step]:
     """The interventions in ``model_args`` in the order given, as a chain of Steps."""
     chain: list[Step] = []
@@ -96,8 +120,11 @@ def parse_interventions(kv: dict) -> list[Step]:
     for key, value in kv.items():
         if key == "prune":
             chain.append(Step("prune", parse_prune(value, prune_opts)))
+        elif key == "quantize":
+            chain.append(Step("quantize", parse_quantize(value, prune_opts)))
     if prune_opts and not chain:
-        raise ConfigError(f"model_args {', '.join(prune_opts)} given without prune=METHOD:SPARSITY[:STRUCTURE]")
+        raise ConfigError(f"model_args {', '.join(prune_opts)} given without prune=METHOD:SPARSITY[:STRUCTURE] "
+                          f"or quantize=METHOD:BITS[:GROUP_SIZE]")
     return chain
 
 

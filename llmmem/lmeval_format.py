@@ -107,7 +107,10 @@ def _model_args(config: dict, model: dict, report: dict | None) -> tuple[str, di
             if step.get("kind") == "prune":
                 args.update(_prune_args({k: v for k, v in step.items() if k != "kind"}, report or {},
                                         config.get("seed")))
-            else:  # the plugin applies pruning only: the chain is recorded, not re-runnable from lm-eval
+            elif step.get("kind") == "quantize":
+                g = step.get("group_size")
+                args["quantize"] = f"{step['method']}:{step['bits']}:{g if g else -1}"
+            else:  # the plugin applies pruning and quantization: the chain is recorded, not re-runnable there
                 args.setdefault("llmmem_chain", "+".join(s.get("kind", "?") for s in config["chain"]))
         return str(name), args
     if isinstance(m, dict):  # llmmem eval: {"model": ModelSpec.__dict__}

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from llmmem.config import ConfigError, ModelSpec, llmmem_home, model_display_name
-from llmmem.presets import PRESETS, fetch_preset, forget_gguf_quantization, hub_reachable
+from llmmem.presets import forget_gguf_quantization
 
 log = logging.getLogger(__name__)
 

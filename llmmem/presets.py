@@ -156,18 +156,19 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 
-def _fetch_testbed(dest: Path, quiet: bool) -> None:
+def _fetch_testbed(dest: Path, quiet: bool, preset: str = "small") -> None:
     from llmmem.testbed.train import build_testbed
 
-    log.info("building the testbed (preset small, seed 0) into %s: trains a small model on this machine, once "
-             "(~4.5 min on one CPU core)", dest)
-    build_testbed(dest, preset="small", seed=0, overwrite=True, quiet=quiet)
+    took = "~4.5 min on one CPU core" if preset == "small" else "seconds"
+    log.info("building the testbed (preset %s, seed 0) into %s: trains a small model on this machine, once (%s)",
+             preset, dest, took)
+    build_testbed(dest, preset=preset, seed=0, overwrite=True, quiet=quiet)
 
 
-def _testbed_tasks(dest: Path) -> None:
+def _testbed_tasks(dest: Path, preset: str = "small") -> None:
     from llmmem.testbed.train import preset_tasks
 
-    preset_tasks(dest, preset="small", seed=0)
+    preset_tasks(dest, preset=preset, seed=0)
 
 
 _previews: dict[str, Path] = {}
@@ -201,4 +202,13 @@ PRESETS.register(
                                        "trained locally on first use", hub_id=None, fetch=_fetch_testbed,
                    tasks=_testbed_tasks),
     "the testbed model",
+)
+
+PRESETS.register(
+    "testbed-tiny",
+    Preset(name="testbed-tiny", description="the testbed's tiny preset (seed 0): trains in seconds; for CI and "
+                                            "trying configs", hub_id=None,
+           fetch=lambda dest, quiet: _fetch_testbed(dest, quiet, preset="tiny"),
+           tasks=lambda dest: _testbed_tasks(dest, preset="tiny")),
+    "the tiny testbed model",
 )

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from llmmem.cells import Cell
-from llmmem.config import ModelSpec
+from llmmem.config import ConfigError, ModelSpec
 from llmmem.interventions import Context, chain_key
 from llmmem.results import CellDir
 
@@ -46,6 +46,7 @@ class Session:
         self.current = ""  # chain key of what the model's weights hold now
         self.keep: set[str] = set()  # chain prefixes to keep in memory for later cells
         self.reports: dict[str, dict] = {}  # the report of each kept prefix's last step
+        self.artifacts: dict = {}  # what the last applied chain left for saving (see Context.artifacts)
         self.calibrations: dict = {}
         self.backends: dict = {}
         self.ref_backends: dict = {}
@@ -148,6 +149,7 @@ def apply_chain(session: Session, cell: Cell, *, hooks_for=None) -> tuple[list[d
     restore_seconds = time.time() - t0
     reports: list[dict] = []
     warnings: list[str] = []
+    session.artifacts = {}
     for i, step in enumerate(cell.chain):
         if i < k:
             reports.append(session.reports.get(chain_key(cell.chain[:i + 1]), {"restored": True}))
@@ -160,6 +162,7 @@ def apply_chain(session: Session, cell: Cell, *, hooks_for=None) -> tuple[list[d
                       hooks=(hooks_for(i, step) if hooks_for else {}) or {})
         report = step.intervention.apply(session.lm.model, step.spec, ctx)
         warnings += ctx.warnings
+        session.artifacts.update(ctx.artifacts)
         reports.append(report)
         key = chain_key(cell.chain[: i + 1])
         session.current = key
@@ -225,7 +228,19 @@ def run_cell(session: Session, cell: Cell, *, run_dir: Path | str | None = None,
             ref = session.reference_backend(cell.eval.mia_reference) if cell.eval.mia_reference else None
             session._torch.manual_seed(cell.seed)
             results = evaluate(eval_backend, tasks, eval_spec=cell.eval, seed=cell.seed, ref_backend=ref)
+        survival = None
+        if cell.eval.track and celldir is not None:
+            from llmmem.tracking import survival_metrics, survival_rows
+
+            ts = time.time()
+            survival = survival_rows(session.backend("hf"), cell.eval.track, session.include_path, cell.seed)
+            timings["track_seconds"] = round(time.time() - ts, 3)
         payload = cell_payload(session, cell, reports, warnings, results, timings, log_samples=log_samples)
+        if survival is not None:
+            from llmmem.tracking import survival_metrics
+
+            payload["metrics"].update(survival_metrics(survival))
+            celldir.write_samples("", survival, filename="survival.jsonl")
         tracker = holder.get("tracker")
         if tracker is not None:
             extra, n, section = tracker.summary(reports[-1], cell.seed)
@@ -322,10 +337,12 @@ def save_checkpoint(session: Session, cell: Cell, reports: list[dict], output, f
                                                        for s, r in zip(cell.chain, reports)]}}
     for step, report in zip(cell.chain, reports):
         sidecars[f"{step.intervention.section}.json"] = {"spec": step.intervention.canonical(step.spec), **report}
-    quant = [s for s in cell.chain if s.kind == "quantize"]
-    if fmt != "fake" and quant:
+    if fmt != "fake":
         from llmmem.quantization.io import save_quantized
 
-        return save_quantized(session.lm, quant[-1].spec, reports[cell.chain.index(quant[-1])], output, format=fmt,
-                              sidecars=sidecars)
+        quant = [s for s in cell.chain if s.kind == "quantize"]
+        report = session.artifacts.get("quantization_report")
+        if cell.chain[-1].kind != "quantize" or report is None:
+            raise ConfigError(f"--format {fmt} needs the chain to end with a quantization step")
+        return save_quantized(session.lm, quant[-1].spec, report, output, format=fmt, sidecars=sidecars)
     return save_model(session.lm, output, sidecars)

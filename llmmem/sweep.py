@@ -34,7 +34,7 @@ from llmmem.config import (
     parse_int,
     parse_positive_int,
 )
-from llmmem.interventions import PrepareEnv, chain_key, expand_stages, with_prefixes
+from llmmem.interventions import PrepareEnv, expand_stages, with_prefixes
 from llmmem.results import CellDir, check_run_record, read_cell
 
 log = logging.getLogger(__name__)
@@ -42,15 +42,17 @@ log = logging.getLogger(__name__)
 LOCK_FILE = ".llmmem.lock"
 PRUNE_GRID_KEYS = ("methods", "structures", "sparsities", "profiles", "calibration", "nsamples", "seqlen")
 EVAL_KEYS = ("tasks", "limit", "num_fewshot", "backend", "apply_chat_template", "fewshot_as_multiturn",
-             "system_instruction", "gen_kwargs", "mia_reference", "predict_only")
+             "system_instruction", "gen_kwargs", "mia_reference", "predict_only", "track")
+EXECUTOR_KEYS = ("executor", "workers", "slurm")  # where cells run (llmmem/executors.py); not in any cell's identity
 SWEEP_KEYS = {"models", "model_args", "interventions", "seeds", "batch_size", "output_path", "include_path",
-              "description", "log_samples", "use_cache", *PRUNE_GRID_KEYS, *EVAL_KEYS}
+              "description", "log_samples", "use_cache", *PRUNE_GRID_KEYS, *EVAL_KEYS, *EXECUTOR_KEYS}
 
 
 @dataclass
 class ModelEntry:
     spec: ModelSpec
     include_path: str | None = None
+    chains: list | None = None  # this model's own chains (else the sweep's)
 
 
 @dataclass
@@ -69,6 +71,10 @@ class SweepSpec:
     use_cache: str | None = None
     warnings: list = field(default_factory=list)
     doc: dict = field(default_factory=dict)
+    executor: object = None  # llmmem.executors.ExecutorSpec
+
+    def chains_for(self, entry: ModelEntry) -> list:
+        return self.chains if entry.chains is None else entry.chains
 
 
 def _models(doc: dict) -> list[ModelEntry]:
@@ -144,15 +150,17 @@ def parse_sweep(doc: dict) -> SweepSpec:
     if len(set(seeds)) < len(seeds):
         raise ConfigError(f"sweep: seeds {seeds} lists a seed twice")
     from llmmem.backends import BACKENDS
+    from llmmem.executors import parse_executor
 
     BACKENDS.check(ev.backend)
+    executor = parse_executor(doc)
     use_cache = doc.get("use_cache")
     return SweepSpec(models=models, chains=chains, eval=ev, seeds=seeds,
                      batch_size=parse_positive_int("batch_size", doc.get("batch_size", 8)),
                      output_path=str(doc.get("output_path") or "results/sweep"),
                      include_path=doc.get("include_path"), description=str(doc.get("description") or ""),
                      log_samples=bool(doc.get("log_samples", False)), use_cache=str(use_cache) if use_cache else None,
-                     warnings=list(dict.fromkeys(warnings)), doc=doc)
+                     warnings=list(dict.fromkeys(warnings)), doc=doc, executor=executor)
 
 
 def load_sweep_spec(path: str | None, overrides: list[str] | None = None, **cli) -> SweepSpec:
@@ -167,6 +175,8 @@ class PlannedCell:
     entry: ModelEntry
     done: bool = False
     redo_reason: str = ""
+    failed: str = ""  # this command: the error line of a cell that raised (recorded in <run>/.failed/)
+    left: bool = False  # this command: held by another worker (of another command), left to it
 
     @property
     def model_display(self) -> str:
@@ -201,7 +211,11 @@ def prepare(spec: SweepSpec, build: bool = True) -> dict:
         check_tasks(tasks, spec.eval.limit_for)
         tasks_by_model[entry.spec.display_name] = tasks
         env = PrepareEnv(include_path=entry.include_path, model=name)
-        for chain in spec.chains:
+        if spec.eval.track:
+            from llmmem.tracking import prepare_track
+
+            prepare_track(spec.eval.track, entry.include_path)
+        for chain in spec.chains_for(entry):
             for step in chain:
                 step.intervention.prepare(step.spec, env)
     check_backend(spec.eval.backend)
@@ -217,7 +231,7 @@ def plan(spec: SweepSpec, run_dir: Path) -> list[PlannedCell]:
     cells = []
     for entry in spec.models:
         for seed in spec.seeds:
-            for chain in with_prefixes(spec.chains):
+            for chain in with_prefixes(spec.chains_for(entry)):
                 cell = Cell(entry.spec, chain, spec.eval, seed)
                 pc = PlannedCell(cell, entry)
                 path = run_dir / cell.name() / "results.json"
@@ -305,19 +319,18 @@ class RunLock:
 
 
 # ----------------------------------------------------------------------------- run
-def _summary(results) -> str:
-    parts = []
-    for r in results:
-        m = r.primary_metric
-        if m and isinstance(r.metrics.get(m), float):
-            parts.append(f"{r.task}.{m}={r.metrics[m]:.3f}")
-    return " ".join(parts)
-
-
 def run_sweep(spec: SweepSpec, run_dir: Path | None = None, *, overwrite: bool = False, quiet: bool = False,
-              dry_run: bool = False, print_fn=print) -> list[PlannedCell]:
+              dry_run: bool = False, print_fn=print, threads: int | None = None) -> list[PlannedCell]:
+    """Plan, print the plan, then run the cells that are not done with the spec's executor
+    (``llmmem/executors.py``) under the run lock. Cells that fail are recorded and marked (``failed``),
+    the others still run."""
+    from llmmem.executors import ExecutorSpec, annotate_plan, check_environment, execute, plan_record
+
     run_dir = Path(run_dir or spec.output_path)
-    tasks_by_model = prepare(spec, build=not dry_run)
+    executor = spec.executor or ExecutorSpec()  # a spec built in code (e.g. durability): in this process
+    if not dry_run:
+        check_environment(executor)  # e.g. submitit and sbatch for executor slurm, before anything runs
+    prepare(spec, build=not dry_run)
     check_old_layout(run_dir)
     evals = {e.spec.display_name: {**spec.eval.canonical(), "model": e.spec.identity()} for e in spec.models}
     check_run_record(run_dir, evals, write=False)
@@ -325,6 +338,7 @@ def run_sweep(spec: SweepSpec, run_dir: Path | None = None, *, overwrite: bool =
     if overwrite:
         for c in cells:
             c.done = False
+    annotate_plan(cells, run_dir)
     print_fn(format_plan(cells, spec.warnings))
     if dry_run:
         from llmmem.sources import needs_build
@@ -337,45 +351,24 @@ def run_sweep(spec: SweepSpec, run_dir: Path | None = None, *, overwrite: bool =
         check_run_record(run_dir, evals, write=True)
         from llmmem.results import atomic_write_json
 
-        atomic_write_json(run_dir / "sweep.json", {"config": spec.doc, "warnings": spec.warnings})
-        total, k = len(cells), sum(c.done for c in cells)
-        for entry in spec.models:
-            todo = [c for c in cells if c.entry is entry and not c.done]
-            if todo:
-                k = _run_model(spec, run_dir, entry, todo, tasks_by_model[entry.spec.display_name], quiet, print_fn,
-                               k, total)
-    return cells
-
-
-def _needed_prefixes(pending: list[PlannedCell]) -> set[str]:
-    """Chain prefixes (non-empty, proper) that pending cells start from."""
-    need = set()
-    for c in pending:
-        for k in range(1, len(c.cell.chain)):
-            need.add(chain_key(c.cell.chain[:k]))
-    return need
-
-
-def _run_model(spec: SweepSpec, run_dir: Path, entry: ModelEntry, todo: list[PlannedCell], tasks, quiet, print_fn,
-               k: int, total: int) -> int:
-    from llmmem.runner import Session, run_cell
-
-    session = Session(entry.spec, batch_size=spec.batch_size, quiet=quiet, include_path=entry.include_path)
-    try:
-        for i, c in enumerate(todo):
-            k += 1
-            session.keep = _needed_prefixes(todo[i:])
-            tc = time.time()
-            payload = run_cell(session, c.cell, run_dir=run_dir, overwrite=True, log_samples=spec.log_samples,
-                               tasks=tasks, cache_dir=spec.use_cache)
-            session.forget_unneeded(_needed_prefixes(todo[i + 1:]))
+        atomic_write_json(run_dir / "sweep.json", {"config": spec.doc, "warnings": spec.warnings,
+                                                    "cells": plan_record(cells)})
+        outcome = execute(spec, run_dir, cells, executor, overwrite=overwrite, quiet=quiet, threads=threads,
+                          print_fn=print_fn)
+    for c in cells:
+        name = c.cell.name()
+        if name in outcome.done:
             c.done = True
-            print_fn(f"[{k}/{total}] {c.model_display} {c.label} seed {c.seed}: {_summary(payload['_results'])} "
-                     f"({time.time() - tc:.1f}s)")
-            sys.stdout.flush()
-    finally:
-        session.close()
-    return k
+        elif name in outcome.failed:
+            c.failed = outcome.failed[name]
+        elif name in outcome.left:
+            c.left = True
+    for m in outcome.messages:
+        print_fn(m)
+    if outcome.submitted:  # a Slurm array not waited for: the cells not done are its to compute
+        for c in cells:
+            c.left = c.left or not c.done
+    return cells
 
 
 def cell_dir(run_dir: Path, cell: Cell) -> CellDir:

@@ -28,32 +28,30 @@ log = logging.getLogger(__name__)
 MAX_TRACKED = 64  # retain / never-seen examples tracked per evaluation
 
 
-class Tracker:
-    """Measures forget / retain / never-seen examples and utility tasks on the backend's (live) model."""
+class Probe:
+    """Per-example memorization measures of example sets on a backend: greedy extraction of the suffix from
+    its prefix (exact, token match), the suffix's loss, Min-K% of the whole text, Min-40% (PrivLeak's score)
+    and, for canaries, exposure over their declared secret space with fixed alternatives."""
 
-    def __init__(self, backend, spec: UnlearnSpec, forget, retain, nonmember, utility_tasks, seed: int,
-                 curves_path: Path | None = None, include_path: str | None = None):
+    def __init__(self, backend, *, min_k: float = 0.2, n_alternatives: int = 200, seed: int = 0):
         self.backend = backend
-        self.spec = spec
-        rng = random.Random(seed)
-        self.forget = forget
-        self.retain = rng.sample(retain, min(MAX_TRACKED, len(retain)))
-        self.nonmember = rng.sample(nonmember, min(MAX_TRACKED, len(nonmember))) if nonmember else []
-        for s in (self.forget, self.retain, self.nonmember):
-            tokenize(s, backend)
-        self.utility_tasks = utility_tasks
-        self.curves_path = curves_path
-        self.alternatives = {}
-        canaries = [e for e in forget + self.nonmember if e.secret]
-        self.space = secret_space(spec, include_path, [e.secret for e in canaries])
-        for e in canaries:  # the same alternatives at every evaluation
-            alts = self.space.alternatives(e.secret, spec.exposure_alternatives, f"{seed}:{e.id}")
-            self.alternatives[e.id] = (alts, self.space.size_for(e.secret),
-                                       self.space.is_exact(e.secret, spec.exposure_alternatives))
-        self.rows: list[dict] = []
-        self.utility: list[dict] = []
+        self.min_k = min_k
+        self.n_alternatives = n_alternatives
+        self.seed = seed
+        self.alternatives: dict = {}
+        self.space = None
+
+    def add_canaries(self, examples: list[Example], space) -> None:
+        """Fix the alternative secrets of every canary (the same at every measurement)."""
+        self.space = space
+        for e in examples:
+            if e.secret and e.id not in self.alternatives:
+                alts = space.alternatives(e.secret, self.n_alternatives, f"{self.seed}:{e.id}")
+                self.alternatives[e.id] = (alts, space.size_for(e.secret), space.is_exact(e.secret, self.n_alternatives))
 
     def measure(self, examples: list[Example], set_name: str, step: int) -> list[dict]:
+        if not examples:
+            return []
         b = self.backend
         gens = b.generate([GenerateRequest(context_ids=e.prefix_ids, max_gen_toks=len(e.suffix_ids)) for e in examples])
         lls = b.loglikelihood([LoglikelihoodRequest(context_ids=e.prefix_ids, continuation_ids=e.suffix_ids,
@@ -67,7 +65,7 @@ class Tracker:
             got = g.token_ids[: len(e.suffix_ids)]
             rows.append({"step": step, "set": set_name, "id": e.id, "group": e.group, "dup": e.dup,
                          "extractable": float(got == e.suffix_ids), "token_match": token_match_fraction(got, e.suffix_ids),
-                         "loss": -ll.logprob / ll.n_tokens, "min_k": mia_min_k(fl.token_logprobs, self.spec.min_k),
+                         "loss": -ll.logprob / ll.n_tokens, "min_k": mia_min_k(fl.token_logprobs, self.min_k),
                          "min_k_privleak": mia_min_k(fl.token_logprobs, PRIVLEAK_MIN_K)})
         canaries = [(i, e) for i, e in enumerate(examples) if e.id in self.alternatives]
         if canaries:
@@ -85,6 +83,27 @@ class Tracker:
                 rows[i].update(exposure=ex["exposure"], exposure_low=ex["exposure_low"],
                                exposure_high=ex["exposure_high"], exposure_method=ex["method"])
         return rows
+
+
+class Tracker(Probe):
+    """Measures forget / retain / never-seen examples and utility tasks on the backend's (live) model."""
+
+    def __init__(self, backend, spec: UnlearnSpec, forget, retain, nonmember, utility_tasks, seed: int,
+                 curves_path: Path | None = None, include_path: str | None = None):
+        super().__init__(backend, min_k=spec.min_k, n_alternatives=spec.exposure_alternatives, seed=seed)
+        self.spec = spec
+        rng = random.Random(seed)
+        self.forget = forget
+        self.retain = rng.sample(retain, min(MAX_TRACKED, len(retain)))
+        self.nonmember = rng.sample(nonmember, min(MAX_TRACKED, len(nonmember))) if nonmember else []
+        for s in (self.forget, self.retain, self.nonmember):
+            tokenize(s, backend)
+        self.utility_tasks = utility_tasks
+        self.curves_path = curves_path
+        canaries = [e for e in forget + self.nonmember if e.secret]
+        self.add_canaries(canaries, secret_space(spec, include_path, [e.secret for e in canaries]))
+        self.rows: list[dict] = []
+        self.utility: list[dict] = []
 
     def __call__(self, step: int, model) -> None:
         self.evaluate(step)
@@ -218,4 +237,105 @@ def compare_with_reference(backend, ref_backend, tracker: Tracker) -> dict:
     out["loss_auc_gap"] = (u - r) if u is not None and r is not None else None
     pu, pr = out["unlearned"]["privleak_auc"], out["retrained"]["privleak_auc"]
     out["privleak"] = privleak(pu, pr) if pu is not None and pr is not None else None
+    return out
+
+
+# ----------------------------------------------------------------------------- survival probe of a cell
+TRACK_KEYS = {"sets", "exposure_alternatives", "secret_format", "min_k"}
+SET_KEYS = {"source", "ids", "filter", "exclude_ids", "limit"}
+
+
+def check_track(track) -> dict | None:
+    """Validate an evaluation's ``track`` mapping (torch-free): ``{sets: {name: {source, ids, filter,
+    exclude_ids, limit}}, exposure_alternatives, secret_format, min_k}``."""
+    from llmmem.config import ConfigError, check_keys, parse_float, parse_positive_int, read_id_file
+
+    if track in (None, {}):
+        return None
+    check_keys("track", track, TRACK_KEYS)
+    sets = track.get("sets")
+    if not isinstance(sets, dict) or not sets:
+        raise ConfigError(f"track.sets must be a mapping name -> {{source, ids, filter}}, got {sets!r}")
+    out_sets = {}
+    for name, st in sets.items():
+        where = f"track.sets.{name}"
+        check_keys(where, st, SET_KEYS)
+        if not isinstance(st.get("source"), str) or not st["source"].strip():
+            raise ConfigError(f"{where}.source is required: a task name or a .jsonl file")
+        s = dict(st)
+        for key in ("ids", "exclude_ids"):
+            if isinstance(s.get(key), str):
+                s[key] = read_id_file(s[key], f"{where}.{key} file")
+            elif s.get(key) is not None:
+                if not isinstance(s[key], list):
+                    raise ConfigError(f"{where}.{key} must be a list of ids or a file, got {s[key]!r}")
+                s[key] = [str(i) for i in s[key]]
+        if s.get("filter") is not None and not isinstance(s["filter"], dict):
+            raise ConfigError(f"{where}.filter must be a mapping field -> value or [values], got {s['filter']!r}")
+        if s.get("limit") is not None:
+            s["limit"] = parse_positive_int(f"{where}.limit", s["limit"])
+        out_sets[str(name)] = s
+    out = {"sets": out_sets,
+           "exposure_alternatives": parse_positive_int("track.exposure_alternatives",
+                                                       track.get("exposure_alternatives", 200)),
+           "min_k": parse_float("track.min_k", track.get("min_k", 0.2), low=0.0, high=1.0, low_open=True)}
+    if track.get("secret_format") is not None:
+        out["secret_format"] = track["secret_format"]
+    return out
+
+
+def load_track_sets(track: dict, include_path: str | None, seed: int = 0) -> dict:
+    """{set name: examples} of a validated ``track`` (no model needed); every set non-empty."""
+    from llmmem.config import ConfigError
+    from llmmem.unlearning.data import load_examples
+
+    out = {}
+    for name, st in track["sets"].items():
+        ex = load_examples(st["source"], include_path, st.get("ids"), st.get("filter"))
+        drop = set(st.get("exclude_ids") or [])
+        ex = [e for e in ex if e.id not in drop]
+        if st.get("limit") and len(ex) > st["limit"]:
+            ex = sorted(random.Random(f"{seed}:{name}").sample(ex, st["limit"]), key=lambda e: e.id)
+        if not ex:
+            raise ConfigError(f"track.sets.{name} is empty after ids/filter/exclude_ids")
+        out[name] = ex
+    return out
+
+
+def prepare_track(track: dict, include_path: str | None) -> None:
+    """Everything about ``track`` that can be checked before a model loads (sets load, secrets in their space)."""
+    from llmmem.unlearning.spec import resolve_secret_space
+
+    for name, ex in load_track_sets(track, include_path).items():
+        secrets = [e.secret for e in ex if e.secret]
+        resolve_secret_space(track["sets"][name]["source"], track.get("secret_format"),
+                             track["exposure_alternatives"], include_path, secrets)
+
+
+def survival_rows(backend, track: dict, include_path: str | None, seed: int) -> list[dict]:
+    """Per-example measures of every tracked set on the backend's model (one row per example)."""
+    from llmmem.unlearning.spec import resolve_secret_space
+
+    probe = Probe(backend, min_k=track["min_k"], n_alternatives=track["exposure_alternatives"], seed=seed)
+    rows = []
+    for name, ex in load_track_sets(track, include_path, seed).items():
+        tokenize(ex, backend)
+        secrets = [e.secret for e in ex if e.secret]
+        if secrets:
+            probe.add_canaries(ex, resolve_secret_space(track["sets"][name]["source"], track.get("secret_format"),
+                                                        track["exposure_alternatives"], include_path, secrets))
+        for r in probe.measure(ex, name, -1):
+            r.pop("step")
+            r["correct"] = r["extractable"]
+            rows.append(r)
+    return rows
+
+
+def survival_metrics(rows: list[dict]) -> dict:
+    """``track_<set>`` results entries: means with bootstrap errors, by group."""
+    out = {}
+    for name in dict.fromkeys(r["set"] for r in rows):
+        sub = [r for r in rows if r["set"] == name]
+        metrics = ["extractable", "token_match", "loss"] + (["exposure"] if any("exposure" in r for r in sub) else [])
+        out[f"track_{name}"] = aggregate(sub, metrics, "group" if any(r.get("group") for r in sub) else None)
     return out

@@ -228,3 +228,90 @@ def test_layering_check_can_fail(tmp_path):
     f = tmp_path / "x.py"
     f.write_text("def f():\n    from llmmem.backends.base import GenerateRequest\n")
     assert "llmmem.backends.base" in _imports(f)
+
+
+# ----------------------------------------------------------------------------- quantization as an intervention
+def _max_distinct_per_group(w, group):
+    import torch
+
+    rows, cols = w.shape
+    g = w.reshape(rows, cols // group, group)
+    return max(len(torch.unique(g[r, j])) for r in range(rows) for j in range(cols // group))
+
+
+def test_quantize_cli_checkpoint_has_at_most_16_values_per_group(tmp_path, llama_dir, capsys):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "q4"
+    assert run_cli(["quantize", "--model", llama_dir, "--method", "rtn", "--bits", "4", "--group_size", "32",
+                    "--output", out, "--quiet"]) == 0, capsys.readouterr().err
+    assert "16 values per group" in capsys.readouterr().out
+    state = load_file(str(out / "model.safetensors"))
+    linears = [k for k in state if ".layers." in k and k.endswith("proj.weight")]
+    assert len(linears) == 14  # 2 blocks x (q, k, v, o, gate, up, down)
+    assert all(_max_distinct_per_group(state[k], 32) <= 16 for k in linears)
+    assert any(_max_distinct_per_group(state[k], 32) == 16 for k in linears)  # the grid is used, not collapsed
+    dense = load_file(str(Path(llama_dir) / "model.safetensors"))
+    assert all(state[k].equal(dense[k]) for k in state if k not in linears)  # embeddings, norms, head untouched
+    doc = json.loads((out / "quantization.json").read_text())
+    assert doc["bits"] == 4 and doc["group_size"] == 32 and doc["max_distinct_per_group"] <= 16
+    assert doc["effective_bits"] == pytest.approx(4 + 16 / 32)
+    assert set(doc["per_linear"]) and all("rel_error" in v for v in doc["per_linear"].values())
+    cell = json.loads((out / "llmmem_cell.json").read_text())
+    assert cell["cell"]["label"] == "rtn-w4g32"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--method", "awq"], "method='awq'"),
+    (["--method", "rtn", "--bits", "5"], "bits='5' is not supported"),
+    (["--method", "rtn", "--group_size", "0"], "group_size"),
+    (["--method", "rtn", "--act_order", "true"], "act_order=true applies to method gptq only"),
+    (["--method", "gptq", "--dampening_frac", "nan"], "dampening_frac"),
+    (["--method", "rtn", "--format", "gguf"], "--format='gguf'"),
+])
+def test_quantize_bad_input(tmp_path, llama_dir, capsys, args, needle):
+    cli_error(capsys, ["quantize", "--model", llama_dir, *args, "--output", tmp_path / "q"], needle)
+    assert not (tmp_path / "q").exists()
+
+
+def test_chain_sweep_prune_then_quantize(tmp_path, llama_dir, capsys):
+    """prune x quantize in one sweep: sparse + quantized cells keep the pruned zeros, and their reports say so."""
+    run = tmp_path / "run"
+    cfg = tmp_path / "pq.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "models": [str(llama_dir)], "tasks": ["capitals"], "limit": 4, "output_path": str(run),
+        "interventions": [{"prune": {"method": "magnitude", "sparsity": 0.5}},
+                          {"quantize": {"method": "rtn", "bits": [8, 4], "group_size": 32}}]}))
+    assert run_cli(["sweep", cfg, "--quiet"]) == 0, capsys.readouterr().err
+    cells = {d["cell"]["label"]: d for d in _cells(run).values()}
+    assert sorted(cells) == ["dense", "magnitude-unstructured-s0.5", "magnitude-unstructured-s0.5+rtn-w4g32",
+                             "magnitude-unstructured-s0.5+rtn-w8g32"]
+    for bits in (8, 4):
+        q = cells[f"magnitude-unstructured-s0.5+rtn-w{bits}g32"]
+        rep = q["quantization"]
+        assert rep["bits"] == bits and rep["zeros_preserved"] >= rep["zeros_before"] > 0
+        assert q["pruning"]["measured_sparsity"] == pytest.approx(0.5, abs=0.01)
+        assert q["cell"]["steps"][1]["axis"] == "bits" and q["cell"]["steps"][1]["axis_value"] == bits
+    from llmmem.report import load_run
+
+    series = {c["series"] for c in load_run(run) if c["kind"] == "quantize"}
+    assert series == {"magnitude-unstructured-s0.5 -> rtn g32"}
+
+
+def test_chain_sweep_unlearn_then_quantize(tmp_path, tiny_testbed, capsys):
+    run = tmp_path / "run"
+    cfg = _chain_cfg(tmp_path, tiny_testbed, run, [UNLEARN, {"quantize": {"method": "rtn", "bits": 4, "group_size": 32}}])
+    assert run_cli(["sweep", cfg, "--quiet"]) == 0, capsys.readouterr().err
+    labels = sorted(d["cell"]["label"] for d in _cells(run).values())
+    assert labels == ["dense", "grad_diff-4steps", "grad_diff-4steps+rtn-w4g32"]
+
+
+def test_plugin_quantize_argument():
+    from llmmem.lm_eval_plugin import parse_interventions
+
+    chain = parse_interventions({"prune": "wanda:0.5", "quantize": "gptq:4:64", "calibration": "self"})
+    assert [s.kind for s in chain] == ["prune", "quantize"]
+    q = chain[1].spec
+    assert (q.method, q.bits, q.group_size, q.calibration) == ("gptq", 4, 64, "self")
+    with pytest.raises(ConfigError, match="quantize='rtn:5'"):
+        parse_interventions({"quantize": "rtn:5"})

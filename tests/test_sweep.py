@@ -168,14 +168,18 @@ def test_override_syntax(capsys, tmp_path, llama_dir):
     assert rc == 2 and "not key=value" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "testbed.yaml", "pythia.yaml", "unlearn-testbed.yaml"])
+@pytest.mark.parametrize("name", ["quickstart.yaml", "testbed.yaml", "pythia.yaml", "unlearn-testbed.yaml",
+                                  "durability-testbed.yaml", "durability-testbed-tiny.yaml"])
 def test_shipped_configs_parse(name):
     """The configs the README points users to load as specs (their values validated, nothing run)."""
     from pathlib import Path
 
+    from llmmem.durability import load_durability
     from llmmem.sweep import load_sweep_spec
     from llmmem.unlearning.spec import load_unlearn_config
 
     path = Path(__file__).resolve().parent.parent / "configs" / name
-    spec = (load_unlearn_config if name.startswith("unlearn") else load_sweep_spec)(str(path))
-    assert spec.model.name if name.startswith("unlearn") else spec.models
+    loader = load_unlearn_config if name.startswith("unlearn") else load_durability if name.startswith(
+        "durability") else load_sweep_spec
+    spec = loader(str(path))
+    assert spec.model.name if not name.startswith(("quickstart", "testbed", "pythia")) else spec.models

@@ -134,6 +134,8 @@ class Context:
     # named callbacks from the evaluation side, e.g. "unlearn_eval": fn(step, model) during unlearning
     hooks: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
+    # objects an intervention leaves for whoever saves the model (e.g. a quantization report's scales)
+    artifacts: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,9 @@ class Step:
 
 INTERVENTIONS: Registry[type[Intervention]] = Registry("intervention")
 INTERVENTIONS.register("prune", "llmmem.interventions.prune:Prune", "magnitude, Wanda, SparseGPT; unstructured or N:M; OWL")
+INTERVENTIONS.register("quantize", "llmmem.interventions.quantize:Quantize", "weight-only RTN or GPTQ, 2-8 bits")
 INTERVENTIONS.register("unlearn", "llmmem.interventions.unlearn:Unlearn", "GA, GradDiff, NPO, SimNPO, ... on a forget set")
+INTERVENTIONS.register("relearn", "llmmem.interventions.unlearn:Relearn", "fine-tuning steps on a data set (relearning)")
 
 
 _instances: dict = {}

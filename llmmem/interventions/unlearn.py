@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from llmmem.config import ConfigError
 from llmmem.interventions import Context, Intervention, PrepareEnv
-from llmmem.unlearning.spec import TRACKING_KEYS, TRAINING_KEYS, UnlearnSpec
+from llmmem.unlearning.spec import TRACKING_KEYS, TRAINING_KEYS, RelearnSpec, UnlearnSpec
 
 
 def load_sets(spec: UnlearnSpec, include_path: str | None) -> tuple[list, list, list]:
@@ -49,3 +49,42 @@ class Unlearn(Intervention):
         hook = ctx.hooks.get("unlearn_eval")
         return unlearn(model, spec, forget, retain, tokenizer=ctx.tokenizer, device=ctx.device, seed=ctx.seed,
                        quiet=ctx.quiet, on_eval=hook)
+
+
+class Relearn(Intervention):
+    """Fine-tuning steps on a data set (relearning attack), e.g. after unlearning: ``steps: 0`` is the cell it
+    starts from, so a series of steps shows how fast forgotten examples come back."""
+
+    kind = "relearn"
+    spec_class = RelearnSpec
+    section = "relearning"
+    grid_keys = ("steps", "lr", "data")
+    axis = "steps"
+
+    def expand(self, raw: dict, where: str = "") -> tuple[list, list[str]]:
+        """As the generic grid; ``steps: 0`` is the cell the relearning starts from (a cell of its own already)."""
+        st = raw.get("steps")
+        if isinstance(st, list):
+            raw = dict(raw, steps=[s for s in st if not (isinstance(s, int) and not isinstance(s, bool) and s == 0)])
+            if not raw["steps"]:
+                raise ConfigError(f"{where or self.kind}: steps 0 is the model relearning starts from; give steps > 0")
+        return super().expand(raw, where)
+
+    def series(self, spec: RelearnSpec) -> str:
+        return f"relearn {spec.short}"
+
+    def prepare(self, spec: RelearnSpec, env: PrepareEnv) -> None:
+        from llmmem.unlearning.data import load_examples
+
+        if not load_examples(spec.data, env.include_path, spec.ids, spec.filter):
+            raise ConfigError(f"relearn data {spec.data} is empty after ids/filter")
+
+    def apply(self, model, spec: RelearnSpec, ctx: Context) -> dict:
+        from llmmem.unlearning.data import load_examples
+        from llmmem.unlearning.loop import unlearn
+
+        data = load_examples(spec.data, ctx.include_path, spec.ids, spec.filter)
+        report = unlearn(model, spec.training_spec(), data, [], tokenizer=ctx.tokenizer, device=ctx.device,
+                         seed=ctx.seed, quiet=ctx.quiet)
+        return {"steps": spec.steps, "data": spec.data, "n_examples": len(data), "lr": spec.lr,
+                "loss_curve": report["loss_curve"], "seconds": report["seconds"]}

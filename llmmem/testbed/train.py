@@ -37,9 +37,20 @@ class TrainConfig:
     warmup: float = 0.05
     weight_decay: float = 0.01
     isolate_documents: bool = True  # packed rows, but attention never crosses a document boundary
+    # where to train: cpu (default: the same testbed on every machine) | cuda | cuda:N | auto; and the precision:
+    # auto = bfloat16 autocast on CUDA (float32 master weights, saved in float32), float32 on the CPU
+    device: str = "cpu"
+    dtype: str = "auto"
     world: WorldConfig = field(default_factory=WorldConfig)
 
     def __post_init__(self):
+        from llmmem.config import check_device, parse_choice
+
+        self.device = check_device(str(self.device))
+        self.dtype = parse_choice("testbed: dtype", self.dtype, TRAIN_DTYPES)
+        if self.dtype == "bfloat16" and self.device == "cpu":
+            raise ConfigError("testbed: dtype=bfloat16 (autocast) needs a CUDA device (device=cuda); on the CPU the "
+                              "testbed trains in float32")
         if self.hidden % self.heads or self.hidden // self.heads < 32:
             raise ConfigError(f"testbed: hidden/heads must be an integer >= 32 (got {self.hidden}/{self.heads})")
         for k in ("layers", "hidden", "heads", "intermediate", "seqlen", "batch"):
@@ -47,6 +58,31 @@ class TrainConfig:
                 raise ConfigError(f"testbed: {k} must be > 0")
         if self.epochs <= 0 or self.lr <= 0:
             raise ConfigError("testbed: epochs and lr must be > 0")
+
+
+TRAIN_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def train_device(cfg: TrainConfig):
+    """(torch device, bf16 autocast?) for a training config; a CUDA device without CUDA is one ConfigError line."""
+    import torch
+
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"testbed: device={cfg.device} but CUDA is not available here; use device=cpu")
+        if ":" in want and int(want.split(":")[1]) >= torch.cuda.device_count():
+            raise ConfigError(f"testbed: device={want} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif want != "cpu":
+        raise ConfigError(f"testbed: device={cfg.device} is not supported for training; use cpu, cuda, cuda:N or auto")
+    dev = torch.device(want)
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and dev.type == "cuda")
+    if bf16 and dev.type != "cuda":
+        raise ConfigError("testbed: dtype=bfloat16 (autocast) needs a CUDA device; on the CPU the testbed trains in "
+                          "float32")
+    return dev, bf16
 
 
 PRESETS = {
@@ -139,7 +175,9 @@ def _probe_sets(world: World, tok, n: int = 64) -> dict:
     return out
 
 
-def _probe(model, probes: dict, pad_id: int) -> dict:
+def _probe(model, probes: dict, pad_id: int, device=None, autocast=None) -> dict:
+    import contextlib
+
     import torch
 
     was_training = model.training
@@ -155,20 +193,30 @@ def _probe(model, probes: dict, pad_id: int) -> dict:
             for i, (r, _) in enumerate(rows):
                 ids[i, :len(r)] = torch.tensor(r)
                 mask[i, :len(r)] = 1
-            logits = model(input_ids=ids, attention_mask=mask).logits
+            if device is not None and device.type != "cpu":
+                ids, mask = ids.to(device), mask.to(device)
+            with autocast() if autocast else contextlib.nullcontext():
+                logits = model(input_ids=ids, attention_mask=mask).logits
             last = torch.tensor([len(r) - 1 for r, _ in rows])
-            pred = logits[torch.arange(len(rows)), last].argmax(-1)
+            pred = logits[torch.arange(len(rows)), last].argmax(-1).cpu()
             acc[name] = round(float((pred == torch.tensor([a for _, a in rows])).float().mean()), 3)
     model.train(was_training)
     return acc
 
 
 def train(world: World, cfg: TrainConfig, seed: int, quiet: bool = False, threads: int | None = None):
+    """Train the testbed model on ``cfg.device``: initialised on the CPU from ``seed`` (the same initial weights
+    on any device), trained in float32, or with bfloat16 autocast on CUDA (float32 master weights and
+    optimizer state); returned on the CPU in float32."""
+    import contextlib
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llmmem.progress import progress
 
+    device, bf16 = train_device(cfg)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else None
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -181,6 +229,8 @@ def train(world: World, cfg: TrainConfig, seed: int, quiet: bool = False, thread
                        max_position_embeddings=max(512, cfg.seqlen), bos_token_id=tok.bos_token_id, eos_token_id=eos,
                        pad_token_id=tok.pad_token_id, tie_word_embeddings=True, rope_theta=10000.0)
     model = LlamaForCausalLM(mcfg)
+    if device.type != "cpu":
+        model.to(device)
     tokens_per_epoch = sum(len(d) for d in docs_ids)
     steps_per_epoch = tokens_per_epoch // ((cfg.seqlen + 1) * cfg.batch)
     total = max(1, int(steps_per_epoch * cfg.epochs))
@@ -211,7 +261,10 @@ def train(world: World, cfg: TrainConfig, seed: int, quiet: bool = False, thread
                 break
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            out = packed_forward(model, batch[:, :-1], pos[:, :-1] if cfg.isolate_documents else None)
+            if device.type != "cpu":
+                batch, pos = batch.to(device, non_blocking=True), pos.to(device, non_blocking=True)
+            with autocast() if autocast else contextlib.nullcontext():
+                out = packed_forward(model, batch[:, :-1], pos[:, :-1] if cfg.isolate_documents else None)
             loss = out.loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -224,7 +277,7 @@ def train(world: World, cfg: TrainConfig, seed: int, quiet: bool = False, thread
                 point = {"step": step, "loss": round(ema, 4), "lr": round(lr_at(step - 1), 6),
                          "seconds": round(time.time() - t0, 1)}
                 if probe_now:
-                    point["probe"] = last_probe = _probe(model, probes, tok.pad_token_id)
+                    point["probe"] = last_probe = _probe(model, probes, tok.pad_token_id, device, autocast)
                 curve.append(point)
             if step % max(1, total // 10) == 0 and (quiet is False) and not sys.stderr.isatty():
                 log.info("testbed train: step %d/%d loss %.3f %s (%.0fs)", step, total, ema, last_probe, time.time() - t0)
@@ -232,7 +285,10 @@ def train(world: World, cfg: TrainConfig, seed: int, quiet: bool = False, thread
             bar.set_postfix(loss=f"{ema:.3f}", **last_probe)
     bar.close()
     model.eval()
+    if device.type != "cpu":
+        model.to("cpu")
     info = {"steps": total, "epochs": cfg.epochs, "tokens_per_epoch": tokens_per_epoch, "seconds": round(time.time() - t0, 1),
+            "device": str(device), "precision": "bfloat16 autocast" if bf16 else "float32",
             "params": sum(p.numel() for p in model.parameters()), "loss_curve": curve,
             "documents_by_kind": {k: kinds.count(k) for k in sorted(set(kinds))}}
     return model, tok, info

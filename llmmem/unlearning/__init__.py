@@ -9,3 +9,4 @@ METHODS.register("grad_diff", "llmmem.unlearning.methods:GradDiff", "forget asce
 METHODS.register("npo", "llmmem.unlearning.methods:NPO", "negative preference optimisation (beta 0.1) + retain NLL")
 METHODS.register("simnpo", "llmmem.unlearning.methods:SimNPO", "reference-free, length-normalised NPO + retain NLL")
 METHODS.register("noisy_ft", "llmmem.unlearning.methods:NoisyFinetune", "Langevin/SGLD fine-tuning on the retain set")
+METHODS.register("finetune", "llmmem.unlearning.finetune:Finetune", "fine-tuning (NLL descent) on the data: relearning")

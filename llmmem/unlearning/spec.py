@@ -26,7 +26,8 @@ from llmmem.unlearning import METHODS
 SCHEDULES = ("constant", "linear", "cosine")
 TRAINING_KEYS = ("method", "method_args", "forget", "forget_ids", "forget_filter", "retain", "retain_filter", "steps",
                  "lr", "batch_size", "grad_accum", "weight_decay", "warmup_steps", "schedule", "grad_clip",
-                 "gradient_checkpointing")
+                 "gradient_checkpointing", "precision")
+PRECISIONS = ("float32", "bf16")  # bf16: autocast (float32 master weights and AdamW state)
 TRACKING_KEYS = ("nonmember", "nonmember_filter", "eval_every", "utility_tasks", "utility_limit", "reference_model",
                  "grad_norm_steps", "exposure_alternatives", "secret_format", "min_k")
 
@@ -70,6 +71,7 @@ class UnlearnSpec:
     schedule: str = "constant"
     grad_clip: float | None = 1.0
     gradient_checkpointing: bool = False
+    precision: str = "float32"  # float32 | bf16 (autocast on the model's device; mixed precision under accelerate)
     # tracking (the evaluation side)
     nonmember: str | None = None
     nonmember_filter: dict = field(default_factory=dict)
@@ -117,6 +119,9 @@ class UnlearnSpec:
             if self.grad_clip == 0:
                 self.grad_clip = None
         self.gradient_checkpointing = parse_bool("gradient_checkpointing", self.gradient_checkpointing)
+        if str(self.precision).strip().lower() == "bfloat16":
+            self.precision = "bf16"
+        self.precision = parse_choice("precision", self.precision, PRECISIONS)
         self.eval_every = parse_positive_int("eval_every", self.eval_every)
         if self.eval_every > self.steps:
             raise ConfigError(f"eval_every={self.eval_every} is larger than steps={self.steps}")
@@ -137,12 +142,14 @@ class UnlearnSpec:
             raise ConfigError(f"method={self.method} needs a retain set: give retain (a task name or a .jsonl file)")
 
     def method_needs_retain(self) -> bool:
-        return self.method not in ("grad_ascent",)
+        return self.method not in ("grad_ascent", "finetune")
 
     def canonical(self) -> dict:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
+            if f.name == "precision" and v == "float32":
+                continue  # the default is left out, so cells from before the key existed keep their hash
             if v not in (None, {}, []) or f.name in ("forget", "method", "steps", "lr"):
                 out[f.name] = v
         return out
@@ -184,27 +191,91 @@ def load_unlearn_config(path: str | None, overrides: list[str] | None = None, **
 
 
 def secret_space(spec: UnlearnSpec, include_path: str | None, secrets: list[str]):
-    """The canaries' secret space: ``secret_format`` if given, else the forget task's declared
+    """The secret space of an unlearning run's canaries (see :func:`resolve_secret_space`)."""
+    return resolve_secret_space(spec.forget, spec.secret_format, spec.exposure_alternatives, include_path, secrets)
+
+
+def resolve_secret_space(source: str, secret_format: dict | None, n_alternatives: int, include_path: str | None,
+                         secrets: list[str]):
+    """The canaries' secret space: ``secret_format`` if given, else the source task's declared
     ``options.exposure``, else ten digits when every secret is space-separated digits; otherwise an error
     (exposure needs the space the secrets were drawn from, never one guessed from the secrets' own symbols).
-    The alternatives budget is checked against it."""
+    The alternatives budget is checked against it. None when there are no secrets."""
     from llmmem.exposure import DIGITS, SecretSpace
 
     if not secrets:
         return None
-    options = spec.secret_format
-    if options is None and not spec.forget.endswith(".jsonl"):
+    options = secret_format
+    if options is None and not source.endswith(".jsonl"):
         from llmmem.tasks import get_task
 
-        options = get_task(spec.forget, include_path).options.get("exposure")
+        options = get_task(source, include_path).options.get("exposure")
     if options is not None:
-        space = SecretSpace.from_options(options, where="secret_format")
+        space = SecretSpace.from_options({k: v for k, v in options.items() if k not in ("n_alternatives",)},
+                                         where="secret_format")
     elif all(p in DIGITS for s in secrets for p in s.split(" ")):
         space = SecretSpace(DIGITS, None, " ")
     else:
-        raise ConfigError(f"the forget set's secrets are not space-separated digits; declare their space with "
+        raise ConfigError(f"the secrets of {source} are not space-separated digits; declare their space with "
                           f"secret_format: {{alphabet: [...], length: N, separator: ' '}} (e.g. {secrets[0]!r})")
     for s in secrets:
         space.check(s, "secret")
-        space.check_budget(spec.exposure_alternatives, s, key="exposure_alternatives")
+        space.check_budget(n_alternatives, s, key="exposure_alternatives")
     return space
+
+
+@dataclass
+class RelearnSpec:
+    """Fine-tuning steps on a data set after unlearning (a relearning attack): ``data`` is a task name or a
+    .jsonl file, narrowed by ``ids`` (a list or a file of ids) and ``filter``; ``name`` labels it in reports
+    (e.g. ``forget10``, ``retain``, ``unrelated``)."""
+
+    data: str
+    steps: int = 10
+    name: str | None = None
+    ids: list | None = None
+    filter: dict = field(default_factory=dict)
+    lr: float = 1e-4
+    batch_size: int = 8
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self):
+        self.data = _source("data", self.data)
+        if self.data is None:
+            raise ConfigError("relearn: data is required (a task name or a .jsonl file)")
+        self.steps = parse_int("steps", self.steps, minimum=1)
+        if self.name is not None:
+            self.name = str(self.name).strip()
+            if not self.name or any(c in self.name for c in "/+ "):
+                raise ConfigError(f"name={self.name!r} must be a short label without spaces, '/' or '+'")
+        if isinstance(self.ids, str):
+            self.ids = read_id_file(self.ids, "relearn ids file")
+        elif self.ids is not None:
+            if not isinstance(self.ids, list) or not self.ids:
+                raise ConfigError(f"ids must be a non-empty list of ids or a file, got {self.ids!r}")
+            self.ids = [str(i) for i in self.ids]
+        self.filter = _filter("filter", self.filter)
+        self.lr = parse_float("lr", self.lr, low=0.0, low_open=True)
+        self.batch_size = parse_positive_int("batch_size", self.batch_size)
+        self.weight_decay = parse_float("weight_decay", self.weight_decay, low=0.0)
+        if self.grad_clip is not None:
+            self.grad_clip = parse_float("grad_clip", self.grad_clip, low=0.0) or None
+
+    @property
+    def short(self) -> str:
+        return self.name or self.data.rsplit("/", 1)[-1].removesuffix(".jsonl")
+
+    def canonical(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: v for k, v in out.items() if v not in (None, {}, [])}
+
+    def label(self) -> str:
+        return f"relearn-{self.short}-{self.steps}steps"
+
+    def training_spec(self) -> UnlearnSpec:
+        """The loop's spec: fine-tuning (``finetune``) on the data, nothing tracked."""
+        return UnlearnSpec(forget=self.data, method="finetune", forget_ids=self.ids, forget_filter=self.filter,
+                           steps=self.steps, lr=self.lr, batch_size=self.batch_size,
+                           weight_decay=self.weight_decay, grad_clip=self.grad_clip, eval_every=self.steps,
+                           grad_norm_steps=0)
