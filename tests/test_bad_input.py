@@ -102,7 +102,7 @@ def results_dir(doc_text: str):
     return setup
 
 
-def testbed_config(text: str):
+def tb_config(text: str):
     def setup(tmp: Path):
         (tmp / "tb.yaml").write_text(text)
 
@@ -324,17 +324,17 @@ CASES = [
     # ------------------------------------------------------------------ testbed
     Case("testbed-unknown-preset", ["testbed", "build", "--preset", "huge", "--output", "tb"], ["huge", "tiny"]),
     Case("testbed-config-wrong-type", ["testbed", "build", "--preset", "tiny", "--config", "tb.yaml", "--output", "tb"],
-         ["layers", "two"], setup=testbed_config("train: {layers: two}\n")),
+         ["layers", "two"], setup=tb_config("train: {layers: two}\n")),
     Case("testbed-config-float-count", ["testbed", "build", "--preset", "tiny", "--config", "tb.yaml", "--output", "tb"],
-         ["n_entities", "1.5"], setup=testbed_config("world: {n_entities: 1.5}\n")),
+         ["n_entities", "1.5"], setup=tb_config("world: {n_entities: 1.5}\n")),
     Case("testbed-config-epochs-nan", ["testbed", "build", "--preset", "tiny", "--config", "tb.yaml", "--output", "tb"],
-         ["epochs", "nan"], setup=testbed_config("train: {epochs: .nan}\n")),
+         ["epochs", "nan"], setup=tb_config("train: {epochs: .nan}\n")),
     Case("testbed-config-bool", ["testbed", "build", "--preset", "tiny", "--config", "tb.yaml", "--output", "tb"],
-         ["isolate_documents", "sometimes"], setup=testbed_config("train: {isolate_documents: sometimes}\n")),
+         ["isolate_documents", "sometimes"], setup=tb_config("train: {isolate_documents: sometimes}\n")),
     Case("testbed-config-list-type", ["testbed", "build", "--preset", "tiny", "--config", "tb.yaml", "--output", "tb"],
-         ["assoc_pairs"], setup=testbed_config("world: {assoc_pairs: 7}\n")),
+         ["assoc_pairs"], setup=tb_config("world: {assoc_pairs: 7}\n")),
     Case("testbed-config-not-mapping", ["testbed", "build", "--preset", "tiny", "--config", "tb.yaml", "--output", "tb"],
-         ["train"], setup=testbed_config("train: [1, 2]\n")),
+         ["train"], setup=tb_config("train: [1, 2]\n")),
     Case("testbed-exclude-missing", ["testbed", "build", "--preset", "tiny", "--exclude", "ex.txt", "--output", "tb"],
          ["ex.txt", "does not exist"]),
     Case("testbed-exclude-unknown-ids", ["testbed", "build", "--preset", "tiny", "--exclude", "ids.txt", "--output",
