@@ -239,15 +239,18 @@ def cmd_eval(args) -> int:
     from llmmem.backends import check_backend
 
     check_backend(ev.backend)
-    if ev.mia_reference:
-        model_spec_from_args(ev.mia_reference, None)
     from llmmem.sources import check_model, needs_build
+
+    if ev.mia_reference:
+        check_model(model_spec_from_args(ev.mia_reference, None))  # e.g. a path that does not exist
+    if args.use_cache:
+        check_output_path("--use_cache", args.use_cache)
 
     if not Path(spec.name).expanduser().exists():
         check_model(spec)  # unknown preset / offline hub id (a preset is built after validation)
     include = with_model_tasks(args.include_path, [spec.name])
     tasks = resolve_tasks(names, include)
-    check_tasks(tasks, ev.limit_for)
+    check_tasks(tasks, ev.limit_for, ev.num_fewshot)
     check_output_path("--output_path", args.output_path)
     cell = Cell(spec, (), ev, parse_int("--seed", args.seed, minimum=0))
     cd = CellDir(args.output_path, cell.name())
@@ -574,6 +577,9 @@ def cmd_testbed(args) -> int:
         exclude = read_id_file(args.exclude, "--exclude file")
         if not exclude:
             raise ConfigError(f"--exclude file {args.exclude} names no canaries")
+    from llmmem.config import check_output_path
+
+    check_output_path("--output", args.output)
     settings = RunSettings(seed=args.seed, quiet=args.quiet, threads=args.threads)
     setup_torch(settings)
     out = build_testbed(args.output, preset=args.preset, seed=args.seed, overwrite=args.overwrite, exclude=exclude,
@@ -589,8 +595,9 @@ def cmd_testbed(args) -> int:
 # ----------------------------------------------------------------------------- export-lm-eval
 def cmd_export_lm_eval(args) -> int:
     from llmmem.lmeval import export_tasks
+    from llmmem.tasks import parse_task_list
 
-    names = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
+    names = parse_task_list(args.tasks) if args.tasks is not None else None
     for p in export_tasks(args.dir, names, args.include_path):
         print(f"wrote {p}")
     print(f"run with: lm_eval --model hf --model_args pretrained=MODEL --include_path {args.dir} --tasks "

@@ -344,9 +344,11 @@ def export_tasks(out_dir: Path, names: list[str] | None = None, include_path: st
     explicit = bool(names)
     names = names or sorted(index)
     written = []
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "llmmem_src").mkdir(exist_ok=True)
-    for name in names:
+    from llmmem.config import check_output_path
+
+    check_output_path("export-lm-eval: DIR", out_dir)
+    chosen = []
+    for name in names:  # every task checked (and its docs read) before anything is written
         task = get_task(name, include_path)
         local = all(isinstance(x, str) and not x.startswith("hf:")
                     for x in (task.data, task.fewshot_data or "same"))
@@ -354,7 +356,10 @@ def export_tasks(out_dir: Path, names: list[str] | None = None, include_path: st
             if explicit:
                 raise ConfigError(f"task {name}: only recall/icl tasks with local jsonl data can be exported")
             continue
-        docs = task.docs()
+        chosen.append((name, task, task.docs()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "llmmem_src").mkdir(exist_ok=True)
+    for name, task, docs in chosen:
         same = task.fewshot_data in (None, "", "same")
         data = out_dir / f"{name}.jsonl"
         _write_jsonl(data, docs)

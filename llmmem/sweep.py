@@ -31,6 +31,7 @@ from llmmem.config import (
     check_output_path,
     load_config_doc,
     model_spec_from_args,
+    parse_bool,
     parse_int,
     parse_positive_int,
 )
@@ -155,11 +156,14 @@ def parse_sweep(doc: dict) -> SweepSpec:
     BACKENDS.check(ev.backend)
     executor = parse_executor(doc)
     use_cache = doc.get("use_cache")
+    if use_cache:
+        check_output_path("use_cache", str(use_cache))
     return SweepSpec(models=models, chains=chains, eval=ev, seeds=seeds,
                      batch_size=parse_positive_int("batch_size", doc.get("batch_size", 8)),
                      output_path=str(doc.get("output_path") or "results/sweep"),
                      include_path=doc.get("include_path"), description=str(doc.get("description") or ""),
-                     log_samples=bool(doc.get("log_samples", False)), use_cache=str(use_cache) if use_cache else None,
+                     log_samples=parse_bool("log_samples", doc.get("log_samples", False)),
+                     use_cache=str(use_cache) if use_cache else None,
                      warnings=list(dict.fromkeys(warnings)), doc=doc, executor=executor)
 
 
@@ -208,7 +212,7 @@ def prepare(spec: SweepSpec, build: bool = True) -> dict:
             check_model(entry.spec)  # unknown preset / hub id while offline -> ConfigError
         entry.include_path = with_model_tasks(spec.include_path, [name])
         tasks = resolve_tasks(spec.eval.tasks, entry.include_path)
-        check_tasks(tasks, spec.eval.limit_for)
+        check_tasks(tasks, spec.eval.limit_for, spec.eval.num_fewshot)
         tasks_by_model[entry.spec.display_name] = tasks
         env = PrepareEnv(include_path=entry.include_path, model=name)
         if spec.eval.track:

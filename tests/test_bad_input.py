@@ -125,10 +125,13 @@ def ids_file(text: str):
 _MODEL: list = []  # the tiny checkpoint (a session fixture), filled in by the test
 M = "@M@"
 GEN = ["generate", "--model", M, "--prompt", "x"]
+PRUNE_W = ["prune", "--model", M, "--method", "wanda", "--sparsity", "0.5", "--output", "out"]
 PRUNE = ["prune", "--model", M, "--method", "magnitude", "--sparsity", "0.5", "--output", "out"]
 EVAL = ["eval", "--model", M, "--tasks", "capitals", "--limit", "2"]
 UNL = ["unlearn", "--model", M, "--forget", "forget.jsonl", "--retain", "retain.jsonl", "--nonmember",
        "nonmember.jsonl", "--steps", "4", "--eval_every", "2", "--output_path", "u"]
+QUANT = ["quantize", "--model", M, "--method", "rtn", "--output", "out"]
+DUR = ["durability", "configs/durability-testbed-tiny.yaml"]
 UNLEARN_CFG = ["unlearn", "configs/unlearn-testbed.yaml"]
 NOT_WRITABLE = "/proc/self/llmmem-out" if os.geteuid() == 0 else "ro/out"  # root writes anywhere but /proc/self
 
@@ -188,10 +191,32 @@ CASES = [
     Case("prune-output-not-writable", PRUNE[:-1] + [NOT_WRITABLE], ["--output", "writable"], setup=_ro),
     Case("prune-output-not-empty", PRUNE[:-1] + ["tasks"], ["--output", "not empty", "--overwrite"],
          setup=task_dir({"x.txt": "x"})),
-    Case("prune-calibration-missing", PRUNE + ["--calibration", "calib.txt"], ["calib.txt", "does not exist"]),
-    Case("prune-calibration-hub-offline", PRUNE + ["--calibration", "hf:someorg/corpus"],
+    Case("prune-calibration-missing", PRUNE_W + ["--calibration", "calib.txt"], ["calib.txt", "does not exist"]),
+    Case("prune-calibration-hub-offline", PRUNE_W + ["--calibration", "hf:someorg/corpus"],
          ["hf:someorg/corpus", "unreachable"]),
     Case("prune-nsamples-zero", PRUNE + ["--nsamples", "0"], ["nsamples", "0"]),
+    # ------------------------------------------------------------------ quantize
+    Case("quantize-bits-five", QUANT[:-2] + ["--bits", "5", "--output", "out"], ["bits", "5"]),
+    Case("quantize-bits-word", QUANT[:-2] + ["--bits", "four", "--output", "out"], ["bits", "four"]),
+    Case("quantize-unknown-method", ["quantize", "--model", M, "--method", "awq", "--output", "out"], ["awq", "rtn"]),
+    Case("quantize-group-size-zero", QUANT + ["--group_size", "0"], ["group_size", "0"]),
+    Case("quantize-dampening-nan", QUANT + ["--dampening_frac", "nan"], ["dampening_frac", "nan"]),
+    Case("quantize-bad-format", QUANT + ["--format", "gguf"], ["--format", "gguf"]),
+    Case("quantize-output-is-file", QUANT[:-1] + ["afile"], ["--output", "afile"], setup=plain_file),
+    Case("quantize-calibration-missing", ["quantize", "--model", M, "--method", "gptq", "--calibration", "c.txt",
+                                          "--output", "out"], ["c.txt", "does not exist"]),
+    # ------------------------------------------------------------------ durability (configs/durability-*.yaml)
+    Case("durability-unknown-key", DUR + ["colour=red"], ["colour"], setup=copy_configs),
+    Case("durability-relearn-fraction", DUR + ["relearn_fraction=0.9"], ["relearn_fraction", "0.9"],
+         setup=copy_configs),
+    Case("durability-one-forget-id", DUR + ["forget_ids=[canary-6]"], ["forget_ids"], setup=copy_configs),
+    Case("durability-forget-id-twice", DUR + ["forget_ids=[canary-6,canary-6]"], ["forget_ids", "twice"],
+         setup=copy_configs),
+    Case("durability-batch-size-zero", DUR + ["batch_size=0"], ["batch_size", "0"], setup=copy_configs),
+    Case("durability-memscore-missing", DUR + ["memscore=none.jsonl"], ["memscore", "none.jsonl"],
+         setup=copy_configs),
+    Case("durability-unknown-preset", DUR + ["model=testbed-tinyy"], ["testbed-tinyy"], setup=copy_configs),
+    Case("durability-config-missing", ["durability", "none.yaml"], ["none.yaml", "does not exist"]),
     # ------------------------------------------------------------------ eval
     Case("eval-unknown-task", ["eval", "--model", M, "--tasks", "capitols"], ["capitols", "capitals"]),
     Case("eval-empty-tasks", ["eval", "--model", M, "--tasks", ","], ["--tasks", "empty"]),
@@ -264,7 +289,7 @@ CASES = [
          ["output_path", "writable"], setup=lambda t: (sweep_cfg()(t), _ro(t))),
     Case("sweep-include-path-missing", ["sweep", "s.yaml"], ["include_path", "nowhere"],
          setup=sweep_cfg(include_path="nowhere")),
-    Case("sweep-use-cache-is-file", ["sweep", "s.yaml", "--use_cache", "afile"], ["--use_cache", "afile"],
+    Case("sweep-use-cache-is-file", ["sweep", "s.yaml", "--use_cache", "afile"], ["use_cache", "afile"],
          setup=sweep_cfg()),
     Case("sweep-stage-unknown-key", ["sweep", "s.yaml"], ["colour"],
          setup=sweep_cfg(methods=None, sparsities=None, calibration=None, nsamples=None, seqlen=None,
@@ -295,8 +320,8 @@ CASES = [
          setup=unlearn_sets),
     Case("unlearn-method-args-word", UNL + ["--method", "npo", "--method_args", "beta=big"], ["method_args.beta", "big"],
          setup=unlearn_sets),
-    Case("unlearn-method-args-unknown", UNL + ["--method", "npo", "--method_args", "gamma=1"],
-         ["method_args", "gamma"], setup=unlearn_sets),
+    Case("unlearn-method-args-unknown", UNL + ["--method", "npo", "--method_args", "zeta=1"],
+         ["method_args", "zeta"], setup=unlearn_sets),
     Case("unlearn-unknown-method", UNL + ["--method", "forgetful"], ["forgetful", "npo"], setup=unlearn_sets),
     Case("unlearn-eval-every-gt-steps", UNL[:-6] + ["--steps", "4", "--eval_every", "9", "--output_path", "u"],
          ["eval_every", "9"], setup=unlearn_sets),

@@ -43,7 +43,7 @@ def test_method_losses_by_hand():
     noisy.after_step(model, 1e-3)
     delta = model.model.layers[0].mlp.up_proj.weight.detach() - w
     assert 0.4 < float(delta.std()) < 0.6
-    with pytest.raises(ConfigError, match="unknown argument"):
+    with pytest.raises(ConfigError, match="unknown key"):
         METHODS.get("npo")(temperature=3)
 
 

@@ -37,8 +37,10 @@ class Unlearn(Intervention):
         return spec.method
 
     def prepare(self, spec: UnlearnSpec, env: PrepareEnv) -> None:
+        from llmmem.unlearning import METHODS
         from llmmem.unlearning.spec import secret_space
 
+        METHODS.get(spec.method)(**spec.method_args)  # an unknown method_args key: one line, before any load
         forget, _, nonmember = load_sets(spec, env.include_path)
         secret_space(spec, env.include_path, [e.secret for e in forget + nonmember if e.secret])
 

@@ -37,7 +37,7 @@ class Method:
         if unknown:
             from llmmem.config import ConfigError
 
-            raise ConfigError(f"{type(self).__name__}: unknown argument(s) {', '.join(sorted(unknown))}; "
+            raise ConfigError(f"method_args: unknown key(s) {', '.join(sorted(unknown))} for {type(self).__name__}; "
                               f"allowed: {', '.join(self.defaults) or 'none'}")
         self.args = {**self.defaults, **kw}
 
