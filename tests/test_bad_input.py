@@ -479,3 +479,43 @@ def test_bad_input(case: Case, tmp_path, llama_dir, monkeypatch, capfd, fresh_lo
         assert _sub(needle, work) in lines[0], f"{needle!r} not in: {lines[0]}"
     assert _tree(tmp_path) == before, "the command created or changed files"
     assert seconds < case.seconds, f"{seconds:.1f}s before the error (limit {case.seconds}s)"
+
+
+# ----------------------------------------------------------------------------- presets not built yet
+FRESH = [
+    # (argv, expected exit code, a needle in stderr (exit 2) or stdout (exit 0))
+    (["eval", "--model", "testbed", "--tasks", "testbed_recall", "--output_path", "afile"], 2, "--output_path afile"),
+    (["eval", "--model", "testbed-tiny", "--tasks", "testbed_recall,testbed_canaries", "--limit", "5",
+      "--output_path", "afile"], 2, "--output_path afile"),
+    (["eval", "--model", "testbed", "--tasks", "testbed_recal"], 2, "testbed_recall"),
+    (["unlearn", "configs/unlearn-testbed.yaml", "output_path=afile"], 2, "output_path afile"),
+    (["sweep", "configs/testbed.yaml", "--dry_run"], 0, "preset testbed is not built yet"),
+]
+
+
+@pytest.mark.parametrize("argv,code,needle", FRESH, ids=[" ".join(a[:3]) for a, _, _ in FRESH])
+def test_testbed_commands_validate_from_an_empty_home(argv, code, needle, tmp_path, monkeypatch, capfd,
+                                                       fresh_logging):
+    """The README's testbed commands know the testbed's tasks before it is built: from an empty LLMMEM_HOME they
+    get past task validation (to the next check, or a dry run's plan) without building anything."""
+    from llmmem import presets
+    from llmmem.cli import main
+
+    work = tmp_path / "work"
+    work.mkdir()
+    copy_configs(work)
+    plain_file(work)
+    for k in [k for k in os.environ if k.startswith("LLMMEM_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("LLMMEM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(work)
+    presets.hub_reachable.cache_clear()
+    t0 = time.monotonic()
+    rc = main(argv)
+    out, err = capfd.readouterr()
+    assert rc == code, err[-3000:]
+    assert needle in (err if code else out), (out + err)[-3000:]
+    assert "Traceback" not in err
+    assert not (tmp_path / "home" / "models").exists(), "a preset was built during validation"
+    assert time.monotonic() - t0 < 10
