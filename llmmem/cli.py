@@ -611,9 +611,41 @@ def cmd_fetch(args) -> int:
 
     for name in args.preset:
         PRESETS.check(name)
-    for name in args.preset:
-        path = fetch_preset(name, quiet=args.quiet, force=args.force)
-        print(f"{name}: {path}")
+    tty = sys.stderr.isatty()
+    if tty and not args.quiet:
+        for name in args.preset:
+            path = fetch_preset(name, quiet=False, force=args.force)
+            print(f"{name}: {path}")
+        return 0
+    # not a terminal (a log, CI) or --quiet: no progress bars, no progress lines; one summary line
+    import time
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        pass
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+    pkg = logging.getLogger("llmmem")
+    level = pkg.level
+    pkg.setLevel(logging.WARNING)
+    done, t0 = [], time.monotonic()
+    try:
+        for name in args.preset:
+            there = (PRESETS.get(name).local_dir() / "config.json").exists() and not args.force
+            done.append(f"{name} -> {fetch_preset(name, quiet=True, force=args.force)}"
+                        + (" (already there)" if there else ""))
+    finally:
+        pkg.setLevel(level)
+    print(f"fetched {len(done)} preset(s) in {time.monotonic() - t0:.0f}s: {'; '.join(done)}")
     return 0
 
 
