@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -164,7 +165,7 @@ def precheck(name: str, include_path: str | None = None, offline: bool | None = 
                               + (f" (include_path {include_path})" if include_path else ""))
         return  # something lm-eval knows how to read; it decides
     if offline is None:
-        offline = not hub_reachable()
+        offline = os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes") or not hub_reachable()
     if not offline:
         return
     for path, doc in members:

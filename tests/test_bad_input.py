@@ -519,3 +519,19 @@ def test_testbed_commands_validate_from_an_empty_home(argv, code, needle, tmp_pa
     assert "Traceback" not in err
     assert not (tmp_path / "home" / "models").exists(), "a preset was built during validation"
     assert time.monotonic() - t0 < 10
+
+
+def test_lm_eval_task_with_datasets_offline_is_one_quick_line(tmp_path, monkeypatch):
+    """HF_DATASETS_OFFLINE=1 (the hub itself reachable): a hub dataset not in the cache is refused at once."""
+    pytest.importorskip("lm_eval")
+    from llmmem import presets
+    from llmmem.config import ConfigError
+    from llmmem.lmeval import precheck
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(presets, "hub_reachable", lambda *a, **k: True)
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="arc_easy.*not available offline"):
+        precheck("arc_easy")
+    assert time.monotonic() - t0 < 5
