@@ -552,6 +552,12 @@ def cmd_durability(args) -> int:
 def cmd_testbed(args) -> int:
     from llmmem.testbed.train import build_testbed, preset_config
 
+    memscore_only = [f for f, v in (("--models", args.models), ("--loo", args.loo), ("--vary-seed", args.vary_seed))
+                     if v not in (None, False)]
+    if args.action == "build" and memscore_only:
+        raise ConfigError(f"{memscore_only[0]} is an option of `testbed memscore`, not `testbed build`")
+    if args.action == "memscore" and args.exclude:
+        raise ConfigError("--exclude is an option of `testbed build`; memscore chooses each model's items itself")
     overrides = None
     if args.config:
         from pathlib import Path
@@ -570,13 +576,15 @@ def cmd_testbed(args) -> int:
     from llmmem.testbed.train import train_device
 
     train_device(cfg)  # device=cuda without CUDA: one line, before the world is built
+    if args.action == "memscore":
+        return _testbed_memscore(args, cfg)
     exclude = None
     if args.exclude:
         from llmmem.config import read_id_file
 
         exclude = read_id_file(args.exclude, "--exclude file")
         if not exclude:
-            raise ConfigError(f"--exclude file {args.exclude} names no canaries")
+            raise ConfigError(f"--exclude file {args.exclude} names no facts or canaries")
     from llmmem.config import check_output_path
 
     check_output_path("--output", args.output)
@@ -589,6 +597,32 @@ def cmd_testbed(args) -> int:
     info = json.loads((out / "world.json").read_text())["training"]
     print(f"testbed {args.preset} seed {args.seed}: {info['params']:,} parameters, {info['steps']} steps, "
           f"final loss {info['loss_curve'][-1]['loss']:.3f}, {info['seconds']:.0f}s -> {out}")
+    return 0
+
+
+def _testbed_memscore(args, cfg) -> int:
+    from llmmem.config import parse_int
+    from llmmem.testbed.memscore import run_memscore
+
+    if args.models is None:
+        raise ConfigError("testbed memscore: --models K is required (an even number >= 2)")
+    models = parse_int("--models", args.models)
+    loo = 0 if args.loo is None else parse_int("--loo", args.loo)
+    settings = RunSettings(seed=args.seed, quiet=args.quiet, threads=args.threads)
+    setup_torch(settings)
+    # run_memscore checks the rest (models even, --loo within the items, --output) before anything trains
+    out = run_memscore(args.output, preset=args.preset, models=models, seed=args.seed, loo=loo, config=cfg,
+                       vary_seed=args.vary_seed, overwrite=args.overwrite, threads=settings.threads)
+    import json
+
+    doc = json.loads((out / "memscore.json").read_text())
+    err = doc["loo"]["error"]
+    line = "; ".join(f"LOO vs subsampled {k}: mean |diff| {v['mean_abs_diff']:.3f}, spearman "
+                     f"{'-' if v['spearman'] is None else format(v['spearman'], '.2f')} (n={v['n']})"
+                     for k, v in err.items())
+    print(f"memscore {args.preset} seed {args.seed}: {len(doc['models'])} models, train "
+          f"{doc['timings']['train_seconds']:.0f}s, eval {doc['timings']['eval_seconds']:.0f}s -> {out}"
+          + (f"\n{line}" if line else ""))
     return 0
 
 
@@ -891,14 +925,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("testbed", cmd_testbed, "Build the synthetic world and train a small model on it (ground truth included).",
             _examples("llmmem testbed build --preset tiny --output /tmp/tb",
                       "llmmem testbed build --preset small --seed 1 --output testbeds/s1",
-                      "llmmem testbed build --exclude forget.txt --output testbeds/retrained  # without those canaries",
-                      "llmmem testbed build --preset small --device cuda --output testbeds/s0  # bf16 autocast"))
-    p.add_argument("action", choices=["build"], help="build: generate the world, train, write model + tasks")
+                      "llmmem testbed build --exclude forget.txt --output testbeds/retrained  # without those items",
+                      "llmmem testbed build --preset small --device cuda --output testbeds/s0  # bf16 autocast",
+                      "llmmem testbed memscore --preset tiny --models 4 --loo 5 --output testbeds/memscore"))
+    p.add_argument("action", choices=["build", "memscore"],
+                   help="build: generate the world, train, write model + tasks; memscore: counterfactual "
+                        "memorization of every fact and canary from K models on random halves of them")
     p.add_argument("--preset", default="small", help="tiny (tests, < 1 min) | small (default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--exclude", default=None, metavar="FILE", help="canary ids (one per line) to leave out of training")
+    p.add_argument("--exclude", default=None, metavar="FILE",
+                   help="fact/canary ids (one per line) to leave out of training (build)")
+    p.add_argument("--models", default=None, metavar="K", help="memscore: models to train (even, >= 2)")
+    p.add_argument("--loo", default=None, metavar="N",
+                   help="memscore: exact leave-one-out for N items (N + 1 more models)")
+    p.add_argument("--vary-seed", dest="vary_seed", action="store_true",
+                   help="memscore: model i trains with seed S+i (default: all share seed S; only their items differ)")
     p.add_argument("--config", default=None, metavar="YAML",
                    help="override the preset: {train: {layers, hidden, epochs, ...}, world: {n_entities, ...}}")
     p.add_argument("--device", default=None, help="train on cpu (default) | cuda | cuda:N | auto")

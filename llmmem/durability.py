@@ -126,8 +126,8 @@ def load_durability(path: str | None, overrides: list[str] | None = None, **cli)
             setattr(spec, key, parse_positive_int(key, doc[key]))
     if len(set(spec.forget_ids)) != len(spec.forget_ids):
         raise ConfigError("forget_ids names an example twice")
-    if spec.memscore is not None and not Path(spec.memscore).is_file():
-        raise ConfigError(f"memscore file {spec.memscore} does not exist (llmmem testbed memscore writes it)")
+    if spec.memscore is not None and not Path(spec.memscore).exists():
+        raise ConfigError(f"memscore: {spec.memscore} does not exist (a directory written by llmmem testbed memscore, or its memscore.jsonl)")
     return spec
 
 
@@ -462,7 +462,7 @@ def analyse(run_dir) -> dict:
     memscores = None
     spec_doc = _sweep_doc(run_dir)
     ms_path = (spec_doc.get("durability") or {}).get("memscore")
-    if ms_path and Path(ms_path).is_file():
+    if ms_path and Path(ms_path).exists():  # a memscore directory or its memscore.jsonl
         from llmmem.testbed.memscore import load_memscores
 
         memscores = load_memscores(ms_path)

@@ -235,6 +235,7 @@ def _group_tables(model: str, tag: str, mcells: list[dict], cells: list[dict]) -
         lines.append("")
         if normalised and undefined:
             lines += [f"- retention of {t} {m} undefined: {why}" for (t, m), why in undefined.items()] + [""]
+    lines += benchmark_tables(cells, mcells)
     lines += recall_vs_icl(cells, mcells)
     pruned = [c for c in mcells if c["doc"].get("pruning")]
     if pruned:
@@ -246,6 +247,59 @@ def _group_tables(model: str, tag: str, mcells: list[dict], cells: list[dict]) -
     if warned:
         lines.append("")
     return lines
+
+
+# The unlearning benchmarks' own layouts: (metric, column heading) in the order their papers print them.
+TOFU_COLUMNS = (("forget_quality", "forget quality ↑"), ("model_utility", "model utility ↑"),
+                ("forget_truth_ratio", "forget truth ratio"), ("forget_Q_A_ROUGE", "forget ROUGE-L ↓"),
+                ("extraction_strength", "extraction strength ↓"), ("privleak", "PrivLeak →0"))
+MUSE_COLUMNS = (("verbmem_f", "C1 no verbatim memorization: VerbMem on D_f ↓"),
+                ("knowmem_f", "C2 no knowledge memorization: KnowMem on D_f ↓"),
+                ("privleak", "C3 no privacy leakage: PrivLeak →0"),
+                ("knowmem_r", "C4 utility preserved: KnowMem on D_r ↑"))
+MUSE_NOTE = ("C5 (scalability: the four above over forget sets of growing size) and C6 (sustainability: over "
+             "sequential unlearning requests) compare cells, not one cell: read them off the rows of runs over "
+             "forget-set sizes or successive unlearning steps.")
+
+
+def benchmark_tables(cells: list[dict], mcells: list[dict]) -> list[str]:
+    """One table per TOFU / MUSE task in the benchmark's own layout, one row per cell: TOFU forget quality vs
+    model utility (open-unlearning's leaderboard, with the forget-side metrics beside them); MUSE's six
+    criteria (Shi et al. 2024): the four measured on one cell, with C4 also as a share of the dense cell's
+    KnowMem on D_r, and a note on C5/C6. Cells without the task are left out of its table."""
+    out = []
+    tasks: dict = {}
+    for c in mcells:
+        for task, info in (c["doc"].get("tasks") or {}).items():
+            if info.get("suite") in ("tofu", "muse") and task in (c["doc"].get("metrics") or {}):
+                tasks.setdefault(task, info["suite"])
+    for task, suite in tasks.items():
+        cols = TOFU_COLUMNS if suite == "tofu" else MUSE_COLUMNS
+        have = [c for c in mcells if task in c["doc"]["metrics"]]
+        present = [(m, h) for m, h in cols if any(c["doc"]["metrics"][task].get(m) is not None for c in have)]
+        if not present:
+            continue
+        heads = [h for _, h in present] + (["C4 as share of dense"] if suite == "muse" else [])
+        title = "TOFU: forget quality vs model utility" if suite == "tofu" else "MUSE: the six criteria"
+        out += [f"### {title} — {task}", "", "| cell | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
+        for c in have:
+            res = c["doc"]["metrics"][task]
+            vals = [_fmt(res.get(m), 4 if m == "forget_quality" else 3) for m, _ in present]
+            if suite == "muse":
+                d = dense_of(cells, c)
+                dr = (d["doc"]["metrics"].get(task) or {}).get("knowmem_r") if d else None
+                kr = res.get("knowmem_r")
+                vals.append(_fmt(kr / dr, 2) if kr is not None and dr else "-")
+            out.append(f"| {c['label']} | " + " | ".join(vals) + " |")
+        out.append("")
+        if suite == "tofu":
+            out += ["Forget quality: KS-test p-value of the forget truth ratios against the retain model's (higher = "
+                    "closer to a model never trained on the forget set; '-' without the retain model's logs). "
+                    "Model utility: harmonic mean of probability, ROUGE-L and truth ratio on retain, real authors "
+                    "and world facts.", ""]
+        else:
+            out += [MUSE_NOTE, ""]
+    return out
 
 
 def recall_vs_icl(cells: list[dict], mcells: list[dict]) -> list[str]:

@@ -393,12 +393,36 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def _hf_parts(src: str) -> tuple[str, str | None, str]:
+    """``hf:PATH[:CONFIG[:SPLIT]]`` -> (path, config or None, split; default ``validation``)."""
+    parts = src[3:].split(":")
+    path, config = parts[0], (parts[1] or None) if len(parts) > 1 else None
+    return path, config, parts[2] if len(parts) > 2 and parts[2] else "validation"
+
+
+def data_dir() -> Path:
+    """Local copies of hub datasets: ``$LLMMEM_DATA`` or ``$LLMMEM_HOME/data`` (tasks/unlearning/fetch_data.py
+    writes them)."""
+    from llmmem.config import llmmem_home
+
+    return Path(os.environ.get("LLMMEM_DATA") or llmmem_home() / "data").expanduser()
+
+
+def local_copy(src: str) -> Path | None:
+    """``hf:PATH:CONFIG:SPLIT`` -> ``<data_dir>/PATH/CONFIG/SPLIT.jsonl`` (CONFIG ``default`` when none) when that
+    file exists: hub data sets are read from there first, so benchmarks run offline from a copy."""
+    path, config, split = _hf_parts(src)
+    p = data_dir() / path / (config or "default") / f"{split}.jsonl"
+    return p if p.is_file() else None
+
+
 def _hf_rows(src: str) -> list[dict]:
     from llmmem.presets import hub_reachable
 
-    parts = src[3:].split(":")
-    path, config = parts[0], (parts[1] or None) if len(parts) > 1 else None
-    split = parts[2] if len(parts) > 2 and parts[2] else "validation"
+    local = local_copy(src)
+    if local is not None:
+        return read_jsonl(local)
+    path, config, split = _hf_parts(src)
     if not hub_reachable() and not Path(path).exists():
         raise ConfigError(f"dataset {src!r} needs the Hugging Face hub, which is unreachable")
     import datasets

@@ -114,7 +114,7 @@ def test_plan_has_unlearned_and_reference_chains(tmp_path, tiny_testbed, capsys)
     ({"relearn_fraction": 0.9}, "relearn_fraction=0.9 is outside"),
     ({"after": [{"unlearn": {"method": "npo"}}]}, "after[0]"),
     ({"relearn": [{"data": "forget", "steps": [0]}]}, "steps 0"),
-    ({"memscore": "missing.jsonl"}, "memscore file missing.jsonl"),
+    ({"memscore": "missing.jsonl"}, "memscore: missing.jsonl does not exist"),
     ({"colour": 1}, "unknown key(s) colour"),
 ])
 def test_bad_durability_configs(tmp_path, tiny_testbed, capsys, over, needle):
@@ -128,8 +128,10 @@ def test_tiny_durability_end_to_end(tmp_path, monkeypatch, capsys):
     reference, runs every cell, writes durability.md, survival.jsonl and the plots."""
     monkeypatch.setenv("LLMMEM_HOME", str(tmp_path / "home"))
     out = tmp_path / "dur"
+    ms = tmp_path / "memscore.jsonl"  # rewritten below, once the dense losses are known
+    ms.write_text("".join(json.dumps({"id": f"canary-{i}", "mem": 0.0}) + "\n" for i in range(6, 15)))
     assert run_cli(["durability", ROOT / "configs" / "durability-testbed-tiny.yaml", f"output_path={out}", "--quiet",
-                    "--plot"]) == 0, capsys.readouterr().err
+                    f"memscore={ms}", "--plot"]) == 0, capsys.readouterr().err
     text = (out / "durability.md").read_text()
     assert "## What was found here" in text and "## Recovery of the forget set" in text
     rows = [json.loads(x) for x in (out / "survival.jsonl").read_text().splitlines()]
@@ -139,3 +141,18 @@ def test_tiny_durability_end_to_end(tmp_path, monkeypatch, capsys):
     world = json.loads((ref / "world.json").read_text())
     assert set(world["excluded_canaries"]) == {f"canary-{i}" for i in range(6, 15)}
     assert list((out / "plots").glob("recovery_*.png")) and list((out / "plots").glob("survival_*.png"))
+    # the memorization score is read by id as a survival predictor: scores equal to minus each forget canary's
+    # dense loss must give exactly minus the dense-loss predictor's rank correlation (and scores aligned by id)
+    from llmmem.durability import analyse
+
+    dense = {}
+    for want in ("forget_relearn", "forget", "canaries"):  # the analysis reads a canary's canaries row first
+        dense.update({r["id"]: r["loss"] for r in rows if r["model"] == "trained" and r["chain"] == "dense"
+                      and r["set"] == want and r["id"].startswith("canary-")})
+    assert {f"canary-{i}" for i in range(6, 15)} <= set(dense)
+    ms.write_text("".join(json.dumps({"id": i, "mem": -v}) + "\n" for i, v in dense.items()))
+    preds = analyse(out)["predictors"]
+    assert preds
+    for series, p in preds.items():
+        rho_loss, rho_mem = p["dense_loss"]["spearman"], p["memorization"]["spearman"]
+        assert (math.isnan(rho_loss) and math.isnan(rho_mem)) or rho_mem == pytest.approx(-rho_loss, abs=1e-12), series

@@ -62,3 +62,41 @@ def test_unreadable_samples_do_not_become_numbers(tmp_path):
     r = retention_of(cells, c, "capitals", "exact_match")
     assert not r["defined"] and "per-doc" in r["reason"]
     json.dumps(r)
+
+
+def _bench_cell(run, name, label, chain, metrics, suites):
+    cd = CellDir(run, f"m/{name}").prepare()
+    steps = [{"kind": "unlearn", "label": label, "series": label.split("-")[0], "spec": {}, "axis": "steps",
+              "axis_value": 10, "axis_base": 0.0}] if chain else []
+    cd.finish({"cell_config": {"chain": chain, "eval": {"tasks": list(metrics)}, "seed": 0},
+               "cell": {"label": label, "steps": steps}, "model": {"name": "m"}, "metrics": metrics,
+               "n_samples": {t: 4 for t in metrics}, "seeds": {"seed": 0},
+               "tasks": {t: {"suite": suites[t], "primary_metric": next(iter(metrics[t]))} for t in metrics}})
+
+
+def test_benchmark_tables_in_their_own_layouts(tmp_path):
+    """TOFU: forget quality vs model utility per split; MUSE: its criteria C1-C4 per cell (C4 also as a share
+    of the dense cell's) and the note on C5/C6; one table per benchmark task, one row per cell."""
+    suites = {"tofu_forget01": "tofu", "muse_news": "muse"}
+    dense = {"tofu_forget01": {"forget_quality": 0.0012, "model_utility": 0.62, "forget_truth_ratio": 0.51,
+                               "extraction_strength": 0.9, "privleak": -99.0},
+             "muse_news": {"verbmem_f": 0.58, "knowmem_f": 0.64, "knowmem_r": 0.55, "privleak": -99.8}}
+    npo = {"tofu_forget01": {"forget_quality": 0.9188, "model_utility": 0.59, "forget_truth_ratio": 0.66,
+                             "extraction_strength": 0.05, "privleak": 3.1},
+           "muse_news": {"verbmem_f": 0.0, "knowmem_f": 0.1, "knowmem_r": 0.44, "privleak": 12.0}}
+    _bench_cell(tmp_path, "dense-1", "dense", [], dense, suites)
+    _bench_cell(tmp_path, "npo-2", "npo-10steps", [{"kind": "unlearn"}], npo, suites)
+    report = build_report(tmp_path).splitlines()
+    i = report.index("### TOFU: forget quality vs model utility — tofu_forget01")
+    assert report[i + 2].startswith("| cell | forget quality ↑ | model utility ↑ |")
+    assert "forget ROUGE-L" not in report[i + 2]  # a metric no cell has is not a column
+    assert report[i + 4] == "| dense | 0.0012 | 0.620 | 0.510 | 0.900 | -99.000 |"
+    assert report[i + 5] == "| npo-10steps | 0.9188 | 0.590 | 0.660 | 0.050 | 3.100 |"
+    j = report.index("### MUSE: the six criteria — muse_news")
+    head = report[j + 2]
+    for c in ("C1 no verbatim memorization", "C2 no knowledge memorization", "C3 no privacy leakage",
+              "C4 utility preserved", "C4 as share of dense"):
+        assert c in head
+    assert report[j + 4] == "| dense | 0.580 | 0.640 | -99.800 | 0.550 | 1.00 |"
+    assert report[j + 5] == "| npo-10steps | 0.000 | 0.100 | 12.000 | 0.440 | 0.80 |"
+    assert any("C5 (scalability" in ln and "C6 (sustainability" in ln for ln in report[j:])

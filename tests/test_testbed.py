@@ -1,13 +1,14 @@
 """Testbed: deterministic world, ground truth, tokenizer, training output, task files, bad input."""
 
 import json
+import random
 
 import pytest
 
 from conftest import cli_error, run_cli
 from llmmem.config import ConfigError
 from llmmem.testbed.train import preset_config
-from llmmem.testbed.world import WorldConfig, build_world, world_json
+from llmmem.testbed.world import SYLLABLES, WorldConfig, build_world, world_json
 
 
 def test_world_is_deterministic_byte_for_byte():
@@ -91,6 +92,13 @@ def test_bad_world_configs():
         WorldConfig(passage_distractors=(2, 1))
     with pytest.raises(ConfigError, match="unknown testbed preset"):
         preset_config("huge")
+    # more names than two syllables can spell: refused at once (building the world used to loop for ever)
+    with pytest.raises(ConfigError, match="n_entities \\+ n_heldout_entities = 980; allowed: at most 836"):
+        WorldConfig(n_entities=640, n_cities=80, n_employers=60, n_heldout_entities=200)
+    from llmmem.testbed.world import _unique_words
+
+    with pytest.raises(ConfigError, match="only 0 are left"):
+        _unique_words(random.Random(0), 1, 1, {s for s in SYLLABLES})
 
 
 def test_build_outputs(tiny_testbed):

@@ -23,6 +23,14 @@ def load_sets(spec: UnlearnSpec, include_path: str | None) -> tuple[list, list, 
     return forget, retain, nonmember
 
 
+def check_method(spec: UnlearnSpec):
+    """The spec's method built with its ``method_args`` (unknown names, bad values and bad choices are refused
+    with one line before any model loads); returns the method object."""
+    from llmmem.unlearning import METHODS
+
+    return METHODS.get(spec.method)(**spec.method_args)
+
+
 class Unlearn(Intervention):
     kind = "unlearn"
     spec_class = UnlearnSpec
@@ -37,10 +45,9 @@ class Unlearn(Intervention):
         return spec.method
 
     def prepare(self, spec: UnlearnSpec, env: PrepareEnv) -> None:
-        from llmmem.unlearning import METHODS
         from llmmem.unlearning.spec import secret_space
 
-        METHODS.get(spec.method)(**spec.method_args)  # an unknown method_args key: one line, before any load
+        check_method(spec)  # unknown method_args, bad values: one line, before any load
         forget, _, nonmember = load_sets(spec, env.include_path)
         secret_space(spec, env.include_path, [e.secret for e in forget + nonmember if e.secret])
 

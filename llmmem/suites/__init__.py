@@ -63,6 +63,8 @@ SUITES.register("recall", "llmmem.suites.recall:RecallSuite", "closed-book QA / 
 SUITES.register("icl", "llmmem.suites.icl:ICLSuite", "open-book, overriding QA, in-context classification, associative recall")
 SUITES.register("extraction", "llmmem.suites.extraction:ExtractionSuite", "verbatim extraction of a suffix from its prefix")
 SUITES.register("mia", "llmmem.suites.mia:MIASuite", "membership inference scores and ROC-AUC")
+SUITES.register("tofu", "llmmem.suites.tofu:TofuSuite", "TOFU: forget quality, model utility, truth ratio (open-unlearning)")
+SUITES.register("muse", "llmmem.suites.muse:MuseSuite", "MUSE: VerbMem, KnowMem forget/retain, PrivLeak (open-unlearning)")
 
 
 BACKEND_CONVENTIONS = {

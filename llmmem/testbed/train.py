@@ -150,24 +150,68 @@ def build_tokenizer(world: World):
 
 
 # ----------------------------------------------------------------------------- training
-def _packed_batches(docs_ids: list[list[int]], seqlen: int, batch: int, rng: random.Random):
+def _packed_batches(docs_ids: list[list[int]], seqlen: int, batch: int, rng: random.Random,
+                    keep: list[bool] | None = None):
     """One epoch: documents shuffled, concatenated (each <s> ... </s>), cut into [batch, seqlen+1] rows, with
     position ids that restart at every document. transformers reads restarting position ids (and no attention
-    mask) as packed sequences and masks attention across documents, so no episode sees another's keys."""
+    mask) as packed sequences and masks attention across documents, so no episode sees another's keys.
+
+    With ``keep`` (one flag per document: False = blanked, see :func:`training_stream`) each batch also carries a
+    bool mask of the tokens that belong to kept documents; the shuffle is the same either way."""
     import torch
 
     order = list(range(len(docs_ids)))
     rng.shuffle(order)
     stream: list[int] = []
     pos: list[int] = []
+    mask: list[bool] = []
     for i in order:
         stream += docs_ids[i]
         pos += range(len(docs_ids[i]))
+        if keep is not None:
+            mask += [keep[i]] * len(docs_ids[i])
     n_rows = len(stream) // (seqlen + 1)
     rows = torch.tensor(stream[: n_rows * (seqlen + 1)], dtype=torch.long).view(n_rows, seqlen + 1)
     prow = torch.tensor(pos[: n_rows * (seqlen + 1)], dtype=torch.long).view(n_rows, seqlen + 1)
+    mrow = None if keep is None else torch.tensor(mask[: n_rows * (seqlen + 1)]).view(n_rows, seqlen + 1)
     for i in range(0, n_rows - batch + 1, batch):
-        yield rows[i:i + batch], prow[i:i + batch]
+        if mrow is None:
+            yield rows[i:i + batch], prow[i:i + batch]
+        else:
+            yield rows[i:i + batch], prow[i:i + batch], mrow[i:i + batch]
+
+
+def training_stream(world: World, tok, blank: set[str] | None = None) -> tuple[list[list[int]], list[bool] | None]:
+    """The token ids of every training document (<s> ... </s>), in corpus order, and with ``blank`` (planted item
+    ids) a keep flag per document. A blanked document keeps its place and length but its tokens are all
+    ``<pad>``: the item's text never reaches the model, and the packing (rows, batches, steps, the learning-rate
+    schedule) is the same as with nothing blanked, so models that differ in their items differ in nothing else."""
+    eos = tok.eos_token_id
+    docs_ids = [tok(text)["input_ids"] + [eos] for _, text in world.documents]
+    if blank is None:
+        return docs_ids, None
+    unknown = set(blank) - set(world.doc_items)
+    if unknown:
+        raise ValueError(f"blank: items with no document in the corpus: {sorted(unknown)[:5]}")
+    keep = [item not in blank for item in world.doc_items]
+    pad = tok.pad_token_id
+    docs_ids = [ids if k else [pad] * len(ids) for ids, k in zip(docs_ids, keep)]
+    return docs_ids, keep
+
+
+def blanked_loss(model, ids, position_ids, keep):
+    """Next-token loss of packed rows where blanked tokens (``keep`` False) neither are predicted nor predict: a
+    target counts when it and the token before it belong to kept documents (with attention kept inside
+    documents, no counted position reads a blanked token). The sum is divided by the number of target positions
+    in the batch, blanked or not, so a blanked document does not re-weight the others: in a batch without one,
+    the gradient is bit-identical to that of the same batch with nothing blanked."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=ids, position_ids=position_ids, use_cache=False).logits[:, :-1]
+    target = ids[:, 1:]
+    weight = (keep[:, 1:] & keep[:, :-1]).to(logits.dtype)
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+    return (nll * weight.reshape(-1).float()).sum() / target.numel()
 
 
 def packed_forward(model, ids, position_ids=None):
@@ -219,10 +263,15 @@ def _probe(model, probes: dict, pad_id: int, device=None, autocast=None) -> dict
     return acc
 
 
-def train(world: World, cfg: TrainConfig, seed: int, quiet: bool = False, threads: int | None = None):
+def train(world: World, cfg: TrainConfig, seed: int, quiet: bool = False, threads: int | None = None,
+          blank: set[str] | None = None, probe_curve: bool = True):
     """Train the testbed model on ``cfg.device``: initialised on the CPU from ``seed`` (the same initial weights
     on any device), trained in float32, or with bfloat16 autocast on CUDA (float32 master weights and
-    optimizer state); returned on the CPU in float32."""
+    optimizer state); returned on the CPU in float32. ``blank`` (planted item ids; None: off) blanks those items'
+    documents in place (:func:`training_stream`) and trains with :func:`blanked_loss` -- also when the set is
+    empty, so models with and without blanked items share one loss: the leave-one-out and subsampled models of
+    ``llmmem.testbed.memscore``. The default (None) is the plain HF loss, as every testbed build.
+    ``probe_curve=False`` probes only at the last step (the probe costs as much as training on a short run)."""
     import contextlib
 
     import torch
@@ -237,7 +286,7 @@ def train(world: World, cfg: TrainConfig, seed: int, quiet: bool = False, thread
     torch.manual_seed(seed)
     tok = build_tokenizer(world)
     eos = tok.eos_token_id
-    docs_ids = [tok(text)["input_ids"] + [eos] for _, text in world.documents]
+    docs_ids, keep = training_stream(world, tok, blank)
     kinds = [k for k, _ in world.documents]
     mcfg = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
                        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
@@ -271,23 +320,27 @@ def train(world: World, cfg: TrainConfig, seed: int, quiet: bool = False, thread
     model.train()
     ema, last_probe = None, {}
     while step < total:
-        for batch, pos in _packed_batches(docs_ids, cfg.seqlen, cfg.batch, rng):
+        for batch, pos, *mask in _packed_batches(docs_ids, cfg.seqlen, cfg.batch, rng, keep):
             if step >= total:
                 break
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             if device.type != "cpu":
                 batch, pos = batch.to(device, non_blocking=True), pos.to(device, non_blocking=True)
+                mask = [m.to(device, non_blocking=True) for m in mask]
+            position_ids = pos[:, :-1] if cfg.isolate_documents else None
             with autocast() if autocast else contextlib.nullcontext():
-                out = packed_forward(model, batch[:, :-1], pos[:, :-1] if cfg.isolate_documents else None)
-            loss = out.loss
+                if keep is None:
+                    loss = packed_forward(model, batch[:, :-1], position_ids).loss
+                else:
+                    loss = blanked_loss(model, batch[:, :-1], position_ids, mask[0][:, :-1])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
             ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-            probe_now = step % probe_every == 0 or step == total
+            probe_now = (probe_curve and step % probe_every == 0) or step == total
             if probe_now or step % max(1, total // 100) == 0:
                 point = {"step": step, "loss": round(ema, 4), "lr": round(lr_at(step - 1), 6),
                          "seconds": round(time.time() - t0, 1)}
@@ -306,6 +359,8 @@ def train(world: World, cfg: TrainConfig, seed: int, quiet: bool = False, thread
             "device": str(device), "precision": "bfloat16 autocast" if bf16 else "float32",
             "params": sum(p.numel() for p in model.parameters()), "loss_curve": curve,
             "documents_by_kind": {k: kinds.count(k) for k in sorted(set(kinds))}}
+    if keep is not None:
+        info["blanked_documents"] = keep.count(False)
     return model, tok, info
 
 
@@ -378,7 +433,7 @@ def build_testbed(output: str | Path, preset: str = "small", seed: int = 0, over
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConfigError(f"--output {out} is not empty; pass --overwrite to replace it")
     cfg = config or preset_config(preset)
-    world = build_world(seed, cfg.world, exclude_canaries=set(exclude or ()))
+    world = build_world(seed, cfg.world, exclude=set(exclude or ()))
     model, tok, info = train(world, cfg, seed, quiet=quiet, threads=threads)
     from llmmem.testbed.acceptance import TARGETS
 
@@ -395,7 +450,8 @@ def build_testbed(output: str | Path, preset: str = "small", seed: int = 0, over
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         extra = {"preset": preset, "train": {k: v for k, v in asdict(cfg).items() if k != "world"},
-                 "excluded_canaries": sorted(exclude or []), "training": info}
+                 "excluded_canaries": sorted(i for i in exclude or [] if i.startswith("canary-")),
+                 "excluded_items": world.excluded, "training": info}
         (tmp / "world.json").write_text(world_json(world, extra))
         write_tasks(world, tmp, exposure_alternatives=_task_alternatives(preset))
     return out

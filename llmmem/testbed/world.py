@@ -10,6 +10,10 @@ ground truth byte for byte. Words are whole tokens (the testbed tokenizer is wor
 * Canaries: ``the access code for account W1 W2 is d d d d d d d d d d .`` — a 10-digit secret for a
   unique account name — inserted ``dup`` times for dup in 1, 2, 4, ..., ``max_dup``; as many held-out
   canaries are generated but never trained on (non-members).
+* Exclusion: any planted item (a fact ``fact-i`` or a canary ``canary-i``) can be left out of the training
+  corpus, every copy of it (``build_world(exclude=...)``: the retrained reference). ``World.doc_items`` says which
+  item each document writes (None for episodes), so training can also blank an item in place
+  (``llmmem.testbed.train``, used by counterfactual memorization: ``llmmem.testbed.memscore``).
 * In-context episodes (fresh random content in every document): associative recall, verbatim copying,
   counterfactual override (a passage contradicting a planted fact, then the question), open-book QA
   about entities that never appear elsewhere, and in-context linear classification.
@@ -87,6 +91,10 @@ class WorldConfig:
                 raise ConfigError(f"world config: {k} must be [min, max] with {least} <= min <= max (got {lo}, {hi})")
         if self.n_heldout_entities < 2:
             raise ConfigError("world config: n_heldout_entities must be >= 2")
+        names = self.n_cities + self.n_employers + self.n_entities + self.n_heldout_entities
+        if names > NAME_WORDS - 64:  # 64 left for the association-recall pool
+            raise ConfigError(f"world config: n_cities + n_employers + n_entities + n_heldout_entities = {names}; "
+                              f"allowed: at most {NAME_WORDS - 64} (the distinct two-syllable names)")
 
 
 def powers_of_two(n: int) -> list[int]:
@@ -107,6 +115,8 @@ class World:
     heldout_entities: list = field(default_factory=list)
     documents: list = field(default_factory=list)  # (kind, text)
     eval_sets: dict = field(default_factory=dict)
+    doc_items: list = field(default_factory=list)  # per document: the planted item it writes (fact/canary id) or None
+    excluded: list = field(default_factory=list)  # item ids left out of the corpus (sorted)
 
     def corpus_hash(self) -> str:
         h = hashlib.sha256()
@@ -140,7 +150,23 @@ def _count_kinds(docs) -> dict:
     return out
 
 
+def _word_space(syllables: int) -> frozenset:
+    """Every distinct word of ``syllables`` syllables (900 of two, 27,000 of three)."""
+    words = {""}
+    for _ in range(syllables):
+        words = {w + s for w in words for s in SYLLABLES}
+    return frozenset(words)
+
+
+NAME_WORDS = len(_word_space(2))  # cities, employers, first names and the association pool share these
+
+
 def _unique_words(rng: random.Random, n: int, syllables: int, taken: set) -> list[str]:
+    """``n`` new distinct words; refuses (instead of looping for ever) when fewer than ``n`` are left."""
+    left = len(_word_space(syllables) - taken)
+    if left < n:
+        raise ConfigError(f"world config: needs {n} more distinct {syllables}-syllable names but only {left} are left "
+                          f"(n_cities + n_employers + n_entities + n_heldout_entities must stay below {NAME_WORDS})")
     out = []
     while len(out) < n:
         w = "".join(rng.choice(SYLLABLES) for _ in range(syllables))
@@ -150,9 +176,17 @@ def _unique_words(rng: random.Random, n: int, syllables: int, taken: set) -> lis
     return out
 
 
-def build_world(seed: int = 0, config: WorldConfig | None = None, exclude_canaries: set[str] | None = None) -> World:
-    """The world for ``seed``; ``exclude_canaries`` (canary ids) are left out of the training corpus."""
+def build_world(seed: int = 0, config: WorldConfig | None = None, exclude_canaries: set[str] | None = None,
+                exclude: set[str] | None = None) -> World:
+    """The world for ``seed``; the planted items in ``exclude`` (fact and canary ids; ``exclude_canaries`` is the
+    older, canary-only name, and the two are merged) are left out of the training corpus, every copy.
+
+    Excluding items changes nothing else the random stream decides (entities, values, counts, secrets, episodes,
+    evaluation sets), so with nothing excluded the corpus is byte-identical to earlier versions; the document
+    order is the shuffle of the shorter list. Excluded facts and canaries keep their count / dup in the ground
+    truth and are flagged ``excluded`` (facts carry the flag only in worlds that exclude some fact)."""
     cfg = config or WorldConfig()
+    exclude = set(exclude_canaries or ()) | set(exclude or ())
     rng = random.Random(f"llmmem-testbed:{seed}")
     taken: set = set()
     cities = [w.capitalize() for w in _unique_words(rng, cfg.n_cities, 2, taken)]
@@ -173,7 +207,7 @@ def build_world(seed: int = 0, config: WorldConfig | None = None, exclude_canari
     all_facts = [(e, r) for e in world.entities for r in relations]
     rng.shuffle(all_facts)
     levels = powers_of_two(cfg.max_count)
-    docs = []
+    docs = []  # (kind, text, planted item id or None)
     for i, (e, rel) in enumerate(all_facts):
         count = levels[i % len(levels)]
         fid = f"fact-{len(world.facts)}"
@@ -181,8 +215,10 @@ def build_world(seed: int = 0, config: WorldConfig | None = None, exclude_canari
         world.facts.append({"id": fid, "name": e["name"], "relation": rel, "value": e[rel], "count": count,
                             "templates": templates})
         offset = rng.randrange(len(templates))
+        if fid in exclude:
+            continue
         for j in range(count):
-            docs.append(("fact", templates[(offset + j) % len(templates)].format(name=e["name"], value=e[rel])))
+            docs.append(("fact", templates[(offset + j) % len(templates)].format(name=e["name"], value=e[rel]), fid))
 
     # canaries: members at each duplication level, and as many held out. Account names are pairs of words
     # from one shared pool that members use, so held-out canaries contain no token unseen in training
@@ -196,7 +232,6 @@ def build_world(seed: int = 0, config: WorldConfig | None = None, exclude_canari
     heldout_pairs = [p for p in pairs[n_members:] if p[0] in member_words and p[1] in member_words][:n_members]
     if len(heldout_pairs) < n_members:
         raise ConfigError("world config: too few account names for the held-out canaries")
-    exclude = set(exclude_canaries or ())
     for i, (a, b) in enumerate(pairs[:n_members] + heldout_pairs):
         secret = " ".join(rng.choice(DIGITS) for _ in range(cfg.secret_digits))
         member = i < n_members
@@ -204,36 +239,42 @@ def build_world(seed: int = 0, config: WorldConfig | None = None, exclude_canari
         cid = f"canary-{i}"
         world.canaries.append({"id": cid, "account": f"{a} {b}", "secret": secret, "dup": dup,
                                "member": member, "excluded": cid in exclude})
-    unknown = exclude - {c["id"] for c in world.canaries}
+    unknown = exclude - {c["id"] for c in world.canaries} - {f["id"] for f in world.facts}
     if unknown:
-        raise ConfigError(f"--exclude names canaries that do not exist: {', '.join(sorted(unknown)[:5])}"
-                          f"{' ...' if len(unknown) > 5 else ''} (ids are canary-0 .. canary-{len(world.canaries) - 1})")
+        raise ConfigError(f"--exclude names items that do not exist: {', '.join(sorted(unknown)[:5])}"
+                          f"{' ...' if len(unknown) > 5 else ''} (ids are fact-0 .. fact-{len(world.facts) - 1} and "
+                          f"canary-0 .. canary-{len(world.canaries) - 1})")
+    if exclude & {f["id"] for f in world.facts}:  # canary-only exclusions leave the facts' ground truth as it was
+        for f in world.facts:
+            f["excluded"] = f["id"] in exclude
+    world.excluded = sorted(exclude)
     for c in world.canaries:
         if c["member"] and not c["excluded"]:
             text = CANARY_PREFIX.format(acct=c["account"]) + f" {c['secret']} ."
-            docs += [("canary", text)] * c["dup"]
+            docs += [("canary", text, c["id"])] * c["dup"]
 
     # in-context episodes
     train_heldout = world.heldout_entities[: len(world.heldout_entities) // 2]
     eval_heldout = world.heldout_entities[len(world.heldout_entities) // 2:]
     for _ in range(cfg.n_assoc):
-        docs.append(("assoc", _assoc_episode(rng, cfg)[0]))
+        docs.append(("assoc", _assoc_episode(rng, cfg)[0], None))
     for _ in range(cfg.n_copy):
         words = [rng.choice(KV_KEYS + KV_VALUES + cities) for _ in range(rng.randint(*cfg.copy_len))]
-        docs.append(("copy", f"copy : {' '.join(words)} | {' '.join(words)} ."))
+        docs.append(("copy", f"copy : {' '.join(words)} | {' '.join(words)} .", None))
     for _ in range(cfg.n_override):
         e = rng.choice(world.entities)
         rel = rng.choice(relations)
         # distractor sentences use open-book entities, so no planted fact is seen more than its count
-        docs.append(("override", _override_text(rng, e, rel, cities, employers, cfg, train_heldout)[0]))
+        docs.append(("override", _override_text(rng, e, rel, cities, employers, cfg, train_heldout)[0], None))
     for _ in range(cfg.n_openbook):
         e = rng.choice(train_heldout)
         rel = rng.choice(relations)
-        docs.append(("openbook", f"{_openbook_prompt(rng, cfg, e, rel, train_heldout)} {e[rel]} ."))
+        docs.append(("openbook", f"{_openbook_prompt(rng, cfg, e, rel, train_heldout)} {e[rel]} .", None))
     for _ in range(cfg.n_classify):
-        docs.append(("classify", _classify_episode(rng, cfg)[0]))
-    rng.shuffle(docs)
-    world.documents = docs
+        docs.append(("classify", _classify_episode(rng, cfg)[0], None))
+    rng.shuffle(docs)  # the permutation depends only on the list's length: the item tags change nothing
+    world.documents = [(kind, text) for kind, text, _ in docs]
+    world.doc_items = [item for _, _, item in docs]
 
     # evaluation sets (fresh episodes, same generators, their own random stream)
     erng = random.Random(f"llmmem-testbed-eval:{seed}")

@@ -3,6 +3,11 @@
 An example is a prefix and a suffix: the suffix is what unlearning trains on (labels) and what extraction
 checks (greedy decode from the prefix). Canary rows (``prefix`` + ``secret``) and QA task rows (prompt +
 answer) split naturally; a plain ``text`` row is split into its first ``prefix_tokens`` tokens and the rest.
+
+A QA task may ask for the layout open-unlearning trains on (``options`` of the task YAML): ``eos: true``
+appends the tokenizer's EOS token to every answer; ``chat_template: true`` renders the prompt as one user turn
+of the tokenizer's chat template (with ``system_prompt`` and ``date_string`` when given) and the answer as the
+assistant's reply (what instruction-tuned TOFU models were fine-tuned on).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ class Example:
     group: str | None = None
     dup: int | None = None
     secret: str | None = None  # canaries: exposure is measured on this
+    chat: dict | None = None  # {"system_prompt", "date_string"}: the prefix is a user turn of the chat template
+    eos: bool = False  # the suffix ends with the EOS token
     prefix_ids: list = field(default_factory=list)
     suffix_ids: list = field(default_factory=list)
 
@@ -55,7 +62,11 @@ def load_examples(src: str, include_path: str | None = None, ids: list | None = 
         elif task is not None and task.doc_to_text and task.doc_to_target:
             from llmmem.tasks import render
 
-            ex = Example(rid, render(task.doc_to_text, r, task.name), task.target_delimiter + task.target(r), group, dup)
+            opts = task.options or {}
+            chat = {k: opts.get(k) for k in ("system_prompt", "date_string")} if opts.get("chat_template") else None
+            lead = "" if chat else task.target_delimiter
+            ex = Example(rid, render(task.doc_to_text, r, task.name), lead + task.target(r), group, dup, chat=chat,
+                         eos=bool(opts.get("eos", False)))
         elif "text" in r:
             words = str(r["text"]).split(" ")
             cut = min(len(words) - 1, max(1, prefix_tokens // 2))
@@ -80,11 +91,36 @@ def load_examples(src: str, include_path: str | None = None, ids: list | None = 
 
 
 def tokenize(examples: list[Example], backend) -> None:
+    """Token ids of every example (``backend``: anything with ``encode(text, add_special_tokens)``, and ``tok``,
+    the Hugging Face tokenizer, for chat-template or EOS examples)."""
     for e in examples:
-        e.prefix_ids = backend.encode(e.prefix)
+        if e.chat is not None:
+            tok = _tokenizer(backend, e)
+            if not getattr(tok, "chat_template", None):
+                raise ConfigError(f"example {e.id}: the task asks for the chat template but the tokenizer has none")
+            msgs = ([{"role": "system", "content": e.chat["system_prompt"]}] if e.chat.get("system_prompt") else [])
+            msgs.append({"role": "user", "content": e.prefix})
+            kw = {"date_string": e.chat["date_string"]} if e.chat.get("date_string") else {}
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kw)
+            e.prefix_ids = backend.encode(text, add_special_tokens=False)
+        else:
+            e.prefix_ids = backend.encode(e.prefix)
         e.suffix_ids = backend.encode(e.suffix, add_special_tokens=False)
         if not e.suffix_ids:
             raise ConfigError(f"example {e.id}: empty suffix")
+        if e.eos:
+            eos = getattr(_tokenizer(backend, e), "eos_token_id", None)
+            if eos is None:
+                raise ConfigError(f"example {e.id}: the task asks for an EOS after the answer but the tokenizer has none")
+            if e.suffix_ids[-1] != eos:
+                e.suffix_ids = e.suffix_ids + [eos]
+
+
+def _tokenizer(backend, e: Example):
+    tok = getattr(backend, "tok", None)
+    if tok is None:
+        raise ConfigError(f"example {e.id}: chat_template / eos need the Hugging Face tokenizer (backend.tok)")
+    return tok
 
 
 def batch_of(examples: list[Example], pad_id: int, device):
@@ -101,3 +137,23 @@ def batch_of(examples: list[Example], pad_id: int, device):
         mask[i, : len(s)] = 1
         labels[i, len(e.prefix_ids): len(s)] = torch.tensor(e.suffix_ids)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def chunk_examples(examples: list[Example], max_tokens: int) -> list[Example]:
+    """Long tokenized examples cut into pieces of at most ``max_tokens`` tokens (long forget/retain texts such as
+    MUSE's news articles or the WMDP corpora; open-unlearning trains on 2048-token chunks of the corpus, 512 for
+    WMDP). Each piece keeps its first token as the prefix and trains on the rest; ids get ``#k`` suffixes."""
+    if max_tokens < 2:
+        raise ConfigError(f"max_tokens={max_tokens} must be >= 2")
+    out = []
+    for e in examples:
+        ids = e.prefix_ids + e.suffix_ids
+        if len(ids) <= max_tokens:
+            out.append(e)
+            continue
+        for k, start in enumerate(range(0, len(ids) - 1, max_tokens)):
+            piece = ids[start:start + max_tokens]
+            if len(piece) < 2:
+                break
+            out.append(Example(f"{e.id}#{k}", "", "", e.group, e.dup, prefix_ids=piece[:1], suffix_ids=piece[1:]))
+    return out

@@ -21,7 +21,7 @@ import torch
 
 from llmmem.config import ConfigError
 from llmmem.unlearning import METHODS
-from llmmem.unlearning.data import Example, batch_of, tokenize
+from llmmem.unlearning.data import Example, tokenize
 from llmmem.unlearning.difficulty import el2n_scores, per_example_grad_norm_sq
 from llmmem.unlearning.spec import UnlearnSpec
 
@@ -114,9 +114,9 @@ def unlearn(model, spec: UnlearnSpec, forget: list[Example], retain: list[Exampl
         ref_model = copy.deepcopy(model).eval()
         for p in ref_model.parameters():
             p.requires_grad_(False)
+    method.prepare(lambda text: enc.encode(text, add_special_tokens=False))  # e.g. IdkDPO's refusal answers
     every = eval_every or spec.eval_every
-    make_forget = getattr(method, "forget_batch", None) or (lambda ex, pad_id, dev: batch_of(ex, pad_id, dev))
-    make_retain = getattr(method, "retain_batch", None) or (lambda ex, pad_id, dev: batch_of(ex, pad_id, dev))
+    make_forget, make_retain = method.forget_batch, method.retain_batch
 
     acc = make_accelerator(spec) if launched_with_accelerate() else None
     rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
@@ -140,7 +140,8 @@ def unlearn(model, spec: UnlearnSpec, forget: list[Example], retain: list[Exampl
         model.gradient_checkpointing_enable()
     for p in model.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    # the method chooses what is updated (RMU: e.g. three MLP projections; the others: every parameter)
+    opt = torch.optim.AdamW(method.trainable_parameters(model), lr=spec.lr, weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i + 1, spec))
     train_model = model
     if acc is not None:

@@ -48,6 +48,26 @@ def _source(key: str, value) -> str | None:
     return value.strip()
 
 
+def _method_arg(key: str, value):
+    """A method argument as the cell records it: numbers (and number strings, e.g. from ``method_args=beta=0.2``)
+    as floats, so ``beta: 1`` and ``beta: 1.0`` are the same cell; words (``retain_loss: kl``, ``tokens: all``),
+    file paths and lists of words (RMU's ``params``) as given. The method checks names and values
+    (:func:`llmmem.interventions.unlearn.check_method`, before any model loads)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"method_args.{key}={value!r}: give a number or a word, not a boolean")
+    if isinstance(value, (int, float)):
+        return parse_float(f"method_args.{key}", value)
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return value.strip()
+        return parse_float(f"method_args.{key}", value)  # refuses nan / inf
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return [str(v) for v in value]
+    raise ConfigError(f"method_args.{key}={value!r}: give a number, a word or a list of words")
+
+
 @dataclass
 class UnlearnSpec:
     """One unlearning run: a method's loss over forget/retain batches, tracked every ``eval_every`` steps.
@@ -94,8 +114,8 @@ class UnlearnSpec:
         if isinstance(self.method_args, str):
             self.method_args = parse_kv_list(self.method_args, "method_args")
         if not isinstance(self.method_args, dict):
-            raise ConfigError(f"method_args must be a mapping name -> number, got {self.method_args!r}")
-        self.method_args = {str(k): parse_float(f"method_args.{k}", v) for k, v in self.method_args.items()}
+            raise ConfigError(f"method_args must be a mapping name -> value, got {self.method_args!r}")
+        self.method_args = {str(k): _method_arg(str(k), v) for k, v in self.method_args.items()}
         if isinstance(self.forget_ids, str):  # a file of ids, one per line (the same file as testbed --exclude)
             self.forget_ids = read_id_file(self.forget_ids, "forget_ids file")
             if not self.forget_ids:
@@ -142,7 +162,11 @@ class UnlearnSpec:
             raise ConfigError(f"method={self.method} needs a retain set: give retain (a task name or a .jsonl file)")
 
     def method_needs_retain(self) -> bool:
-        return self.method not in ("grad_ascent", "finetune")
+        if self.method in ("grad_ascent", "finetune"):
+            return False
+        if self.method == "undial":  # UNDIAL's reference has no retain term (alpha 0) unless one is asked for
+            return bool(self.method_args.get("alpha", 0.0))
+        return True
 
     def canonical(self) -> dict:
         out = {}
