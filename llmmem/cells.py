@@ -32,6 +32,8 @@ def parse_limit(key: str, value):
             value = int(v)
         except ValueError:
             value = parse_float(key, v)
+    if isinstance(value, float):
+        value = parse_float(key, value)  # nan / inf: one line
     if isinstance(value, float) and value != int(value) or (isinstance(value, float) and value < 1):
         return parse_float(key, value, low=0.0, high=1.0, low_open=True, high_open=True)
     return parse_int(key, value, minimum=1)
@@ -232,7 +234,7 @@ class EvalSpec:
             if not isinstance(self.system_instruction, str):
                 raise ConfigError(f"system_instruction must be text, got {self.system_instruction!r}")
             if not self.system_instruction.strip():
-                self.system_instruction = None
+                raise ConfigError(f"system_instruction={self.system_instruction!r} is empty; leave it out for none")
         self.gen_kwargs = parse_gen_kwargs(self.gen_kwargs)
         self.predict_only = parse_bool("predict_only", self.predict_only)
         for key in ("fewshot_seed", "torch_seed"):

@@ -166,16 +166,16 @@ def _single_cell_run(args, cell, *, settings, include_path=None, run_dir=None, s
                      save_format="fake", prepare_steps=True):
     """Validate the chain (before any model loads), load the model once, run the cell."""
     from llmmem.interventions import PrepareEnv
-    from llmmem.models import resolve
+    from llmmem.sources import ensure_model
 
     if prepare_steps:
         env = PrepareEnv(include_path=include_path, model=cell.model.name)
         for step in cell.chain:
             step.intervention.prepare(step.spec, env)
+    ensure_model(cell.model)  # a preset not there yet is fetched or built now, after validation (saying so)
     setup_torch(settings)
     from llmmem.runner import Session, run_cell
 
-    resolve(cell.model)
     process_seeds = seed_process(getattr(args, "_seeds", None))
     session = Session(cell.model, batch_size=_batch(settings, cell), quiet=settings.quiet, include_path=include_path,
                       need_tokenizer=need_tokenizer, keep_dense=False, max_batch_size=_max_batch(args))
@@ -331,25 +331,33 @@ def cmd_eval(args) -> int:
     from llmmem.backends import check_backend
 
     check_backend(ev.backend)
-    if ev.mia_reference:
-        model_spec_from_args(ev.mia_reference, None)
-    if not Path(spec.name).expanduser().exists():
-        from llmmem.models import resolve
+    from llmmem.sources import check_model, needs_build
 
-        resolve(spec)  # unknown preset / offline hub id; a local preset (the testbed) is built first
+    if ev.mia_reference:
+        check_model(model_spec_from_args(ev.mia_reference, None))  # e.g. a path that does not exist
+    if args.use_cache:
+        check_output_path("--use_cache", args.use_cache)
+
+    if not Path(spec.name).expanduser().exists():
+        check_model(spec)  # unknown preset / offline hub id (a preset is built after validation)
     include = with_model_tasks(args.include_path, [spec.name])
     tasks = resolve_tasks(names, include)
-    check_tasks(tasks, ev.limit_for)
+    check_tasks(tasks, ev.limit_for, ev.num_fewshot)
     run_dir, json_stem = eval_output_path(args.output_path)
     check_output_path("--output_path", run_dir)
-    if ev.apply_chat_template:
-        from llmmem.chat import check_model_template
-
-        check_model_template(spec, ev.apply_chat_template)  # the tokenizer only: before the model loads
     cell = Cell(spec, (), ev, seeds[0])
     cd = CellDir(run_dir, cell.name())
     if cd.done and not args.overwrite:
         raise ConfigError(f"cell {cd.path} is already finished; pass --overwrite to redo it")
+    if needs_build(spec):  # the preset's own tasks replace the ones checked before it was built
+        from llmmem.sources import ensure_model
+
+        ensure_model(spec)
+        include = with_model_tasks(args.include_path, [spec.name])
+    if ev.apply_chat_template:
+        from llmmem.chat import check_model_template
+
+        check_model_template(spec, ev.apply_chat_template)  # the tokenizer only: before the model loads
     args.log_samples = args.log_samples or ev.predict_only  # lm-eval: --predict_only implies --log_samples
     payload = _single_cell_run(args, cell, settings=settings, include_path=include, run_dir=run_dir)
     from llmmem.report import buckets_table, metrics_table
@@ -506,7 +514,7 @@ def _sweep_status(args) -> int:
     cli = {"output_path": status or args.output_path}
     spec = load_sweep_spec(config, args.overrides, **cli)
     run_dir = Path(spec.output_path)
-    prepare(spec)
+    prepare(spec, build=False)
     print(format_status(run_dir, plan_record(plan(spec, run_dir))))
     return 0
 
@@ -570,10 +578,11 @@ def cmd_unlearn(args) -> int:
     check_output_path("output_path", output)
     from pathlib import Path
 
-    if not Path(mspec.name).expanduser().exists():
-        from llmmem.models import resolve
+    from llmmem.interventions import PrepareEnv
+    from llmmem.sources import check_model, ensure_model, needs_build
 
-        resolve(mspec)  # a local preset (the testbed) is built first, saying so
+    if not Path(mspec.name).expanduser().exists():
+        check_model(mspec)  # a preset not built yet (the testbed) is checked against its tasks, built below
     include = with_model_tasks(None, [mspec.name])
     if spec.utility_tasks:
         from llmmem.evaluation import check_tasks, resolve_tasks
@@ -582,19 +591,23 @@ def cmd_unlearn(args) -> int:
     if spec.reference_model:
         ref = model_spec_from_args(spec.reference_model, None)
         if not Path(ref.name).expanduser().exists():
-            from llmmem.models import resolve
-
-            resolve(ref)
+            check_model(ref)
     rank, scratch = _accelerate_rank(mspec)
     cell = Cell(mspec, (Step("unlearn", spec),), EvalSpec(), seed)
+    cell.chain[0].intervention.prepare(spec, PrepareEnv(include_path=include, model=mspec.name))
     from llmmem.results import CellDir
 
     if rank == 0 and CellDir(output, cell.name()).done and not args.overwrite:
         raise ConfigError(f"cell {Path(output) / cell.name()} is already finished; pass --overwrite to redo it")
     settings = RunSettings(seed=seed, quiet=args.quiet, threads=args.threads,
                            batch_size=64)  # the tracker's evaluation batch
+    for m in [mspec] + ([ref] if spec.reference_model else []):
+        if needs_build(m):
+            ensure_model(m)  # after validation, saying so
+    include = with_model_tasks(None, [mspec.name])
     try:
-        payload = _single_cell_run(args, cell, settings=settings, include_path=include, run_dir=scratch or output)
+        payload = _single_cell_run(args, cell, settings=settings, include_path=include, run_dir=scratch or output,
+                                   prepare_steps=False)
     finally:
         if scratch:
             import shutil
@@ -700,6 +713,9 @@ def cmd_testbed(args) -> int:
         exclude = read_id_file(args.exclude, "--exclude file")
         if not exclude:
             raise ConfigError(f"--exclude file {args.exclude} names no facts or canaries")
+    from llmmem.config import check_output_path
+
+    check_output_path("--output", args.output)
     settings = RunSettings(seed=args.seed, quiet=args.quiet, threads=args.threads)
     setup_torch(settings)
     out = build_testbed(args.output, preset=args.preset, seed=args.seed, overwrite=args.overwrite, exclude=exclude,
@@ -741,8 +757,9 @@ def _testbed_memscore(args, cfg) -> int:
 # ----------------------------------------------------------------------------- export-lm-eval
 def cmd_export_lm_eval(args) -> int:
     from llmmem.lmeval import export_tasks
+    from llmmem.tasks import parse_task_list
 
-    names = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
+    names = parse_task_list(args.tasks) if args.tasks is not None else None
     for p in export_tasks(args.dir, names, args.include_path):
         print(f"wrote {p}")
     print(f"run with: lm_eval --model hf --model_args pretrained=MODEL --include_path {args.dir} --tasks "
@@ -756,9 +773,41 @@ def cmd_fetch(args) -> int:
 
     for name in args.preset:
         PRESETS.check(name)
-    for name in args.preset:
-        path = fetch_preset(name, quiet=args.quiet, force=args.force)
-        print(f"{name}: {path}")
+    tty = sys.stderr.isatty()
+    if tty and not args.quiet:
+        for name in args.preset:
+            path = fetch_preset(name, quiet=False, force=args.force)
+            print(f"{name}: {path}")
+        return 0
+    # not a terminal (a log, CI) or --quiet: no progress bars, no progress lines; one summary line
+    import time
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        pass
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+    pkg = logging.getLogger("llmmem")
+    level = pkg.level
+    pkg.setLevel(logging.WARNING)
+    done, t0 = [], time.monotonic()
+    try:
+        for name in args.preset:
+            there = (PRESETS.get(name).local_dir() / "config.json").exists() and not args.force
+            done.append(f"{name} -> {fetch_preset(name, quiet=True, force=args.force)}"
+                        + (" (already there)" if there else ""))
+    finally:
+        pkg.setLevel(level)
+    print(f"fetched {len(done)} preset(s) in {time.monotonic() - t0:.0f}s: {'; '.join(done)}")
     return 0
 
 

@@ -309,7 +309,7 @@ def check_output_path(key: str, path: Path | str, *, must_be_empty: bool = False
     if p.is_dir():
         if not os.access(p, os.W_OK | os.X_OK):
             raise ConfigError(f"{key} {path} is not writable")
-        if must_be_empty and not overwrite and any(p.iterdir()):
+        if must_be_empty and not overwrite and any(not c.name.startswith(".llmmem-partial-") for c in p.iterdir()):
             raise ConfigError(f"{key} {path} is not empty; pass --overwrite to replace it")
         return p
     parent = p.parent

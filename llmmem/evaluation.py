@@ -28,12 +28,18 @@ def limit_count(task, limit) -> int | None:
     return max(1, int(math.ceil(len(task.docs()) * float(limit))))
 
 
-def check_tasks(tasks: list, limit_for) -> None:
-    """Data problems (missing fields, empty after filtering, shot pool) before any model loads."""
+def check_tasks(tasks: list, limit_for, num_fewshot: int | None = None) -> None:
+    """Data problems (missing fields, empty after filtering, shot pool too small for ``num_fewshot`` or the
+    task's own) before any model loads."""
+    from llmmem.tasks import FewshotSampler
+
     for t in tasks:
         lim = limit_for(t.name)
         if isinstance(t, Task):
             t.docs(limit=limit_count(t, lim))
+            n = t.num_fewshot if num_fewshot is None else num_fewshot
+            if n > 0:
+                FewshotSampler(t.fewshot_pool(t.docs()), 0, t.fewshot_sampler, t.name).check(n)
 
 
 def prompt_format(eval_spec, backend, seed: int):

@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from llmmem.config import ConfigError
@@ -25,10 +27,159 @@ PREFIX = "lm_eval:"
 
 
 def _require():
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("lm-eval is not installed: pip install 'llmmem[lm_eval]'")
+
+
+# ----------------------------------------------------------------------------- fast checks before lm-eval's index
+# lm-eval's TaskManager parses every task YAML it ships (~14,000; tens of seconds on a small CPU) and, offline,
+# its dataset loads retry the hub for about a minute. A text scan of the same YAMLs answers the two questions
+# asked most - is there such a task, and is its data here - in about a second.
+_LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas", "npy"}
+
+
+def _yaml_dirs(include_path: str | None) -> list[Path]:
+    import importlib.util
+    import os
+
+    dirs = [Path(p).expanduser() for p in (include_path or "").split(os.pathsep) if p]
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is not None and spec.submodule_search_locations:
+        dirs.append(Path(list(spec.submodule_search_locations)[0]) / "tasks")
+    return [d for d in dirs if d.is_dir()]
+
+
+class _Texts:
+    """The text of every task YAML under the search path, read once."""
+
+    def __init__(self, include_path: str | None):
+        self.files: list[tuple[Path, str]] = []
+        for d in _yaml_dirs(include_path):
+            for y in sorted(d.rglob("*.yaml")):
+                try:
+                    self.files.append((y, y.read_text(encoding="utf-8", errors="replace")))
+                except OSError:
+                    continue
+
+    def mentioning(self, name: str, keys: tuple = ()) -> list[tuple[Path, dict]]:
+        """The YAMLs where ``name`` occurs as a word (only as the value of one of ``keys`` when given)."""
+        import re
+
+        if keys:
+            word = re.compile(rf"(?m)^(?:{'|'.join(keys)}):\s*['\"]?{re.escape(name)}['\"]?\s*(?:#.*)?$")
+        else:
+            word = re.compile(rf"(?<![\w.-]){re.escape(name)}(?![\w.-])")
+        out = []
+        for path, text in self.files:
+            if name in text and word.search(text):
+                doc = _load_yaml_loose(text)
+                if isinstance(doc, dict):
+                    out.append((path, doc))
+        return out
+
+
+@lru_cache(maxsize=4)
+def _texts(include_path: str | None) -> _Texts:
+    return _Texts(include_path)
+
+
+def _load_yaml_loose(text: str):
+    """YAML with lm-eval's ``!function`` (and any other) tags read as plain values."""
+    import yaml
+
+    class _Loose(yaml.SafeLoader):
+        pass
+
+    _Loose.add_multi_constructor("", lambda loader, suffix, node: None)
     try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        raise ConfigError("lm-eval is not installed: pip install 'llmmem[lm_eval]'") from None
+        return yaml.load(text, Loader=_Loose)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError:
+        return None
+
+
+def _with_includes(path: Path, doc: dict, depth: int = 0) -> dict:
+    inc = doc.get("include")
+    if not isinstance(inc, str) or depth > 8:
+        return doc
+    p = Path(inc) if Path(inc).is_absolute() else path.parent / inc
+    try:
+        base = _load_yaml_loose(p.read_text(encoding="utf-8"))
+    except OSError:
+        return doc
+    if not isinstance(base, dict):
+        return doc
+    return {**_with_includes(p, base, depth + 1), **doc}
+
+
+def _members(name: str, texts: _Texts, seen: set) -> list[tuple[Path, dict]] | None:
+    """The task YAMLs a task, group or tag name stands for; None when the scan cannot tell (lm-eval decides)."""
+    if name in seen:
+        return []
+    seen.add(name)
+    tasks = [(p, d) for p, d in texts.mentioning(name, ("task",)) if d.get("task") == name]
+    if tasks:
+        return tasks[:1]
+    found = texts.mentioning(name)
+    groups = [(p, d) for p, d in found if d.get("group") == name]
+    tagged = [(p, d) for p, d in found
+              if (d.get("tag") == name or (isinstance(d.get("tag"), list) and name in d["tag"])) and "task" in d]
+    if not groups and not tagged:
+        return None
+    out = list(tagged)
+    for _, g in groups:
+        subs = g.get("task") if isinstance(g.get("task"), list) else []
+        for sub in subs:
+            sub_name = sub.get("task") if isinstance(sub, dict) else sub
+            if not isinstance(sub_name, str):
+                return None
+            m = _members(sub_name, texts, seen)
+            if m is None:
+                return None
+            out += m
+    return out
+
+
+def _hub_cached(dataset: str) -> bool:
+    import os
+
+    hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser()
+    hub = Path(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or hf_home / "hub")
+    ds = Path(os.environ.get("HF_DATASETS_CACHE") or hf_home / "datasets")
+    return (hub / f"datasets--{dataset.replace('/', '--')}").is_dir() or (ds / dataset.replace("/", "___")).is_dir()
+
+
+def precheck(name: str, include_path: str | None = None, offline: bool | None = None) -> None:
+    """Fast, before lm-eval's own index: an unknown task name, and (offline) a task whose data is a hub dataset
+    that is not in the local cache, are one line at once."""
+    from llmmem.presets import hub_reachable
+
+    texts = _texts(include_path)
+    if not texts.files:
+        return
+    members = _members(name, texts, set())
+    if members is None:
+        if not texts.mentioning(name):
+            raise ConfigError(f"unknown lm-eval task {name!r}; see `lm_eval --tasks list`"
+                              + (f" (include_path {include_path})" if include_path else ""))
+        return  # something lm-eval knows how to read; it decides
+    if offline is None:
+        offline = os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes") or not hub_reachable()
+    if not offline:
+        return
+    for path, doc in members:
+        doc = _with_includes(path, doc)
+        ds = doc.get("dataset_path")
+        if not isinstance(ds, str) or ds in _LOCAL_BUILDERS:
+            continue
+        local = Path(ds).expanduser() if Path(ds).expanduser().is_absolute() else path.parent / ds
+        if local.exists() or _hub_cached(ds):
+            continue
+        what = f"task {doc.get('task')!r} of {name!r}" if doc.get("task") != name else f"{name!r}"
+        raise ConfigError(f"lm_eval:{name}: the data of {what} is the Hugging Face dataset {ds!r}, which is not "
+                          f"available offline (the hub is unreachable and it is not in the local cache); run it "
+                          f"where the hub is reachable")
 
 
 @dataclass
@@ -59,6 +210,14 @@ def _task_manager(include_path: str | None):
 def resolve_lm_eval(name: str, include_path: str | None = None) -> LmEvalTask:
     _require()
     task = LmEvalTask(name, include_path)
+    precheck(task.lm_eval_name, include_path)
+    from llmmem.presets import hub_reachable
+
+    if not hub_reachable():  # datasets and the hub client must not retry the network for a minute
+        import os
+
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tm = _task_manager(include_path)
     if task.lm_eval_name not in tm.all_tasks:
         raise ConfigError(f"unknown lm-eval task {task.lm_eval_name!r}; see `lm_eval --tasks list`"
@@ -199,9 +358,11 @@ def export_tasks(out_dir: Path, names: list[str] | None = None, include_path: st
     explicit = bool(names)
     names = names or sorted(index)
     written = []
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "llmmem_src").mkdir(exist_ok=True)
-    for name in names:
+    from llmmem.config import check_output_path
+
+    check_output_path("export-lm-eval: DIR", out_dir)
+    chosen = []
+    for name in names:  # every task checked (and its docs read) before anything is written
         task = get_task(name, include_path)
         local = all(isinstance(x, str) and not x.startswith("hf:")
                     for x in (task.data, task.fewshot_data or "same"))
@@ -209,7 +370,10 @@ def export_tasks(out_dir: Path, names: list[str] | None = None, include_path: st
             if explicit:
                 raise ConfigError(f"task {name}: only recall/icl tasks with local jsonl data can be exported")
             continue
-        docs = task.docs()
+        chosen.append((name, task, task.docs()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "llmmem_src").mkdir(exist_ok=True)
+    for name, task, docs in chosen:
         same = task.fewshot_data in (None, "", "same")
         data = out_dir / f"{name}.jsonl"
         _write_jsonl(data, docs)

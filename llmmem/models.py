@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from llmmem.config import ConfigError, ModelSpec, llmmem_home, model_display_name
-from llmmem.presets import PRESETS, fetch_preset, forget_gguf_quantization, hub_reachable
+from llmmem.presets import forget_gguf_quantization
 
 log = logging.getLogger(__name__)
 
@@ -29,53 +28,7 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
-@dataclass
-class Source:
-    kind: str  # "dir" | "gguf" | "hub"
-    path: str  # directory, hub id
-    gguf_file: str | None = None
-    display_name: str = ""
-
-
-def resolve(spec: ModelSpec) -> Source:
-    """Decide where a model comes from, raising ConfigError for anything that cannot load."""
-    name = str(spec.name)
-    if name in PRESETS:
-        return Source("dir", str(fetch_preset(name)), None, name)
-    p = Path(name).expanduser()
-    if p.exists():
-        if p.is_dir():
-            if spec.gguf_file:
-                if not (p / spec.gguf_file).is_file():
-                    raise ConfigError(f"gguf_file={spec.gguf_file!r} not found in {p}")
-                return Source("gguf", str(p), spec.gguf_file, _display(p))
-            if not (p / "config.json").is_file():
-                ggufs = sorted(x.name for x in p.glob("*.gguf"))
-                hint = f" (it holds {ggufs[0]}: pass model_args gguf_file={ggufs[0]})" if ggufs else ""
-                raise ConfigError(f"{p} has no config.json: not a Hugging Face checkpoint directory{hint}")
-            return Source("dir", str(p), None, _display(p))
-        if p.suffix == ".gguf":
-            return Source("gguf", str(p.parent), p.name, _display(p))
-        raise ConfigError(f"--model {name!r} is a file but not a .gguf file or a checkpoint directory")
-    looks_like_path = name.startswith((".", "/", "~")) or os.sep in name and not _HUB_ID.match(name)
-    if looks_like_path or name.endswith(".gguf"):
-        raise ConfigError(f"model path {name!r} does not exist")
-    if not _HUB_ID.match(name) and "/" not in name:
-        if not hub_reachable():
-            raise ConfigError(
-                f"unknown model {name!r}: not a preset ({', '.join(PRESETS.names())}), "
-                "not a local path, and the hub is unreachable"
-            )
-        return Source("hub", name, spec.gguf_file, name)
-    if not hub_reachable():
-        raise ConfigError(
-            f"hub id {name!r} cannot be loaded: the Hugging Face hub is unreachable (offline). "
-            f"Use a local checkpoint directory or a preset ({', '.join(PRESETS.names())})"
-        )
-    return Source("hub", name, spec.gguf_file, name)
+from llmmem.sources import _HUB_ID, Source, resolve  # noqa: E402,F401 (torch-free: checked before any load)
 
 
 def _display(p: Path) -> str:

@@ -32,9 +32,15 @@ class Preset:
     description: str
     hub_id: str | None
     fetch: Callable[[Path, bool], None]  # (destination dir, quiet) -> writes an HF checkpoint there
+    # (destination dir) -> writes into dir/tasks the tasks the built preset ships, without building it (so a
+    # command is validated before a preset that takes minutes to build is built)
+    tasks: Callable[[Path], None] | None = None
 
     def local_dir(self) -> Path:
         return llmmem_home() / "models" / self.name
+
+    def built(self) -> bool:
+        return (self.local_dir() / "config.json").exists()
 
 
 PRESETS: Registry[Preset] = Registry("preset")
@@ -258,11 +264,21 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     ).lower() in ("1", "true", "yes"):
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    ok = []
+
+    def probe():  # in a thread: a DNS lookup that hangs is not covered by the socket timeout
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    import threading
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 1.0)
+    return bool(ok)
 
 
 
@@ -271,14 +287,47 @@ def _fetch_testbed(dest: Path, quiet: bool, preset: str = "small") -> None:
     from llmmem.testbed.train import build_testbed
 
     took = "~4.5 min on one CPU core" if preset == "small" else "seconds"
-    log.info("building the testbed (preset %s, seed 0): trains a small model on this machine, once (%s)", preset, took)
+    log.info("building the testbed (preset %s, seed 0) into %s: trains a small model on this machine, once (%s)",
+             preset, dest, took)
     build_testbed(dest, preset=preset, seed=0, overwrite=True, quiet=quiet)
+
+
+def _testbed_tasks(dest: Path, preset: str = "small") -> None:
+    from llmmem.testbed.train import preset_tasks
+
+    preset_tasks(dest, preset=preset, seed=0)
+
+
+_previews: dict[str, Path] = {}
+
+
+def preset_task_dir(name: str) -> Path | None:
+    """The ``tasks/`` a preset ships: its built directory's, or - not built yet - the same files written once
+    per process into a temporary directory (removed at exit) by the preset's ``tasks`` function, so task names
+    and data are checked before the preset is built. None when the preset ships no tasks."""
+    preset = PRESETS.get(name)
+    if preset.built():
+        d = preset.local_dir() / "tasks"
+        return d if d.is_dir() else None
+    if preset.tasks is None:
+        return None
+    if name not in _previews:
+        import atexit
+        import shutil
+
+        tmp = Path(tempfile.mkdtemp(prefix=f"llmmem-{name}-tasks-"))
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        preset.tasks(tmp)
+        _previews[name] = tmp
+    d = _previews[name] / "tasks"
+    return d if d.is_dir() else None
 
 
 PRESETS.register(
     "testbed",
     Preset(name="testbed", description="synthetic-world testbed with ground truth (preset small, seed 0); "
-                                       "trained locally on first use", hub_id=None, fetch=_fetch_testbed),
+                                       "trained locally on first use", hub_id=None, fetch=_fetch_testbed,
+                   tasks=_testbed_tasks),
     "the testbed model",
 )
 
@@ -286,6 +335,7 @@ PRESETS.register(
     "testbed-tiny",
     Preset(name="testbed-tiny", description="the testbed's tiny preset (seed 0): trains in seconds; for CI and "
                                             "trying configs", hub_id=None,
-           fetch=lambda dest, quiet: _fetch_testbed(dest, quiet, preset="tiny")),
+           fetch=lambda dest, quiet: _fetch_testbed(dest, quiet, preset="tiny"),
+           tasks=lambda dest: _testbed_tasks(dest, preset="tiny")),
     "the tiny testbed model",
 )

@@ -342,8 +342,32 @@ def check_run_record(run_dir: Path, evals: dict, *, write: bool) -> None:
         atomic_write_json(path, record)
 
 
+def _drop_torn_tail(path: Path | str) -> None:
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return
+        back = min(size, 1 << 16)
+        while True:  # the last newline before the torn line
+            chunk = os.pread(fd, back, size - back)
+            i = chunk.rfind(b"\n")
+            if i >= 0 or back == size:
+                os.ftruncate(fd, size - back + i + 1 if i >= 0 else 0)
+                return
+            back = min(size, back * 2)
+    finally:
+        os.close(fd)
+
+
 def append_jsonl(path: Path | str, rows: list[dict]) -> None:
-    """Append rows, each a whole line in one ``write`` (a kill loses at most the line being written)."""
+    """Append rows, each a whole line in one ``write`` (a kill loses at most the line being written). A torn last
+    line a killed writer left (no newline at the end) is cut off first, so it never ends up glued to the next
+    record as a corrupt line in the middle of the file."""
+    _drop_torn_tail(path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
     try:
         for r in rows:

@@ -32,6 +32,7 @@ from llmmem.config import (
     load_config_doc,
     model_spec_from_args,
     parse_batch_size,
+    parse_bool,
     parse_int,
     parse_positive_int,
 )
@@ -158,13 +159,16 @@ def parse_sweep(doc: dict) -> SweepSpec:
     BACKENDS.check(ev.backend)
     executor = parse_executor(doc)
     use_cache = doc.get("use_cache")
+    if use_cache:
+        check_output_path("use_cache", str(use_cache))
     return SweepSpec(models=models, chains=chains, eval=ev, seeds=seeds,
                      batch_size=parse_batch_size(doc.get("batch_size", 8)),
                      max_batch_size=(parse_positive_int("max_batch_size", doc["max_batch_size"])
                                      if doc.get("max_batch_size") is not None else None),
                      output_path=str(doc.get("output_path") or "results/sweep"),
                      include_path=doc.get("include_path"), description=str(doc.get("description") or ""),
-                     log_samples=bool(doc.get("log_samples", False)), use_cache=str(use_cache) if use_cache else None,
+                     log_samples=parse_bool("log_samples", doc.get("log_samples", False)),
+                     use_cache=str(use_cache) if use_cache else None,
                      warnings=list(dict.fromkeys(warnings)), doc=doc, executor=executor)
 
 
@@ -196,11 +200,13 @@ class PlannedCell:
         return self.cell.seed
 
 
-def prepare(spec: SweepSpec) -> dict:
-    """Everything that can be checked before a model loads. Returns {model display name: tasks}."""
+def prepare(spec: SweepSpec, build: bool = True) -> dict:
+    """Everything that can be checked before a model loads, then (``build``) the presets that are built locally
+    and not built yet (the testbed: checked against its tasks before it is built). Returns {model display
+    name: tasks}."""
     from llmmem.backends import check_backend
     from llmmem.evaluation import check_tasks, resolve_tasks
-    from llmmem.models import resolve
+    from llmmem.sources import check_model, ensure_model, needs_build
     from llmmem.tasks import with_model_tasks
 
     check_output_path("output_path", spec.output_path)
@@ -208,10 +214,10 @@ def prepare(spec: SweepSpec) -> dict:
     for entry in spec.models:
         name = entry.spec.name
         if not Path(name).expanduser().exists():
-            resolve(entry.spec)  # unknown preset / hub id while offline -> ConfigError; builds a local preset once
+            check_model(entry.spec)  # unknown preset / hub id while offline -> ConfigError
         entry.include_path = with_model_tasks(spec.include_path, [name])
         tasks = resolve_tasks(spec.eval.tasks, entry.include_path)
-        check_tasks(tasks, spec.eval.limit_for)
+        check_tasks(tasks, spec.eval.limit_for, spec.eval.num_fewshot)
         tasks_by_model[entry.spec.display_name] = tasks
         env = PrepareEnv(include_path=entry.include_path, model=name)
         if spec.eval.track:
@@ -222,6 +228,11 @@ def prepare(spec: SweepSpec) -> dict:
             for step in chain:
                 step.intervention.prepare(step.spec, env)
     check_backend(spec.eval.backend)
+    for entry in spec.models:
+        if build and needs_build(entry.spec):
+            ensure_model(entry.spec)  # builds it, saying so; then its own tasks directory replaces the preview
+            entry.include_path = with_model_tasks(spec.include_path, [entry.spec.name])
+            tasks_by_model[entry.spec.display_name] = resolve_tasks(spec.eval.tasks, entry.include_path)
     if spec.eval.apply_chat_template:
         from llmmem.chat import check_model_template
 
@@ -333,7 +344,7 @@ def run_sweep(spec: SweepSpec, run_dir: Path | None = None, *, overwrite: bool =
     executor = spec.executor or ExecutorSpec()  # a spec built in code (e.g. durability): in this process
     if not dry_run:
         check_environment(executor)  # e.g. submitit and sbatch for executor slurm, before anything runs
-    prepare(spec)
+    prepare(spec, build=not dry_run)
     check_old_layout(run_dir)
     evals = {e.spec.display_name: {**spec.eval.canonical(), "model": e.spec.identity()} for e in spec.models}
     check_run_record(run_dir, evals, write=False)
@@ -344,6 +355,11 @@ def run_sweep(spec: SweepSpec, run_dir: Path | None = None, *, overwrite: bool =
     annotate_plan(cells, run_dir)
     print_fn(format_plan(cells, spec.warnings))
     if dry_run:
+        from llmmem.sources import needs_build
+
+        for e in spec.models:
+            if needs_build(e.spec):
+                print_fn(f"  note: preset {e.spec.name} is not built yet; a run builds it first")
         return cells
     with RunLock(run_dir):
         check_run_record(run_dir, evals, write=True)

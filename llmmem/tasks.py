@@ -543,12 +543,10 @@ def model_task_dir(model: str) -> Path | None:
     p = Path(str(model)).expanduser()
     if (p / "tasks").is_dir():
         return p / "tasks"
-    from llmmem.presets import PRESETS
+    from llmmem.presets import PRESETS, preset_task_dir
 
     if str(model) in PRESETS:
-        d = PRESETS.get(str(model)).local_dir() / "tasks"
-        if d.is_dir():
-            return d
+        return preset_task_dir(str(model))  # a preset not built yet: the same tasks, written without building
     return None
 
 
@@ -564,10 +562,13 @@ def with_model_tasks(include_path: str | None, models: list[str]) -> str | None:
 
 def task_dirs(include_path: str | None = None) -> list[Path]:
     dirs = []
-    for extra in filter(None, [include_path, os.environ.get("LLMMEM_TASKS_PATH")]):
-        for p in str(extra).split(os.pathsep):
+    for key, extra in (("--include_path", include_path), ("LLMMEM_TASKS_PATH", os.environ.get("LLMMEM_TASKS_PATH"))):
+        for p in str(extra or "").split(os.pathsep):
             if p:
-                dirs.append(Path(p).expanduser())
+                d = Path(p).expanduser()
+                if not d.is_dir():
+                    raise ConfigError(f"{key}: {p} " + ("is not a directory" if d.exists() else "does not exist"))
+                dirs.append(d)
     b = builtin_tasks_dir()
     if b is not None:
         dirs.append(b)
@@ -595,6 +596,12 @@ def task_index(include_path: str | None = None) -> dict[str, Path]:
     return _index(tuple(str(d) for d in task_dirs(include_path)))
 
 
+# the per-sample metrics a metric_list may name, for the suites whose rows are fixed (llmmem/suites/recall.py
+# score_response, icl.py); None (another suite): not checked here
+SUITE_METRICS = {"recall": {"exact_match", "f1", "contains"},
+                 "icl": {"exact_match", "f1", "contains", "follows_context", "parametric"}}
+
+
 def load_task_file(path: Path) -> Task:
     from llmmem.config import yaml_load_file
 
@@ -611,13 +618,29 @@ def load_task_file(path: Path) -> Task:
         SUITES.check(str(doc["suite"]))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    gen = dict(doc.get("generation_kwargs") or {})
+    from llmmem.config import parse_int
+
+    gen = doc.get("generation_kwargs") or {}
+    if not isinstance(gen, dict):
+        raise ConfigError(f"{path}: generation_kwargs must be a mapping (e.g. {{until: ['\\n'], max_gen_toks: 16}}), "
+                          f"got {gen!r}")
+    gen = dict(gen)
+    if "max_gen_toks" in gen:
+        gen["max_gen_toks"] = parse_int(f"{path}: generation_kwargs.max_gen_toks", gen["max_gen_toks"], minimum=1)
     meta = doc.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{path}: metadata must be a mapping, got {meta!r}")
+    num_fewshot = parse_int(f"{path}: num_fewshot", doc.get("num_fewshot", 0), minimum=0)
     metrics, metric_options = _metric_list(doc.get("metric_list"), path)
+    known = SUITE_METRICS.get(str(doc["suite"]))
+    bad = [m for m in metrics if known is not None and m not in known]
+    if bad:
+        raise ConfigError(f"{path}: metric_list: {bad[0]!r} is not a metric of suite {doc['suite']}; "
+                          f"choose from: {', '.join(sorted(known))}")
     return Task(
         name=str(doc["task"]), suite=doc["suite"], path=path, description=str(doc.get("description", "")).strip(),
         data=doc["data"], doc_to_text=doc.get("doc_to_text", ""), doc_to_target=doc.get("doc_to_target", ""),
-        aliases=doc.get("aliases"), num_fewshot=int(doc.get("num_fewshot", 0)),
+        aliases=doc.get("aliases"), num_fewshot=num_fewshot,
         fewshot_data=doc.get("fewshot_data", "same"), fewshot_sampler=_sampler(doc.get("fewshot_config"), path),
         prompt_description=str(doc.get("prompt_description") or ""),
         target_delimiter=doc.get("target_delimiter", " "),

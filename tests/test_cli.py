@@ -99,3 +99,40 @@ def test_argparse_errors_are_one_line(capsys):
     assert e.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     _bad(["generate", "--prompt", "x"], capsys, "no model given", "--model", "pretrained=")
+
+
+def test_fetch_is_one_line_when_not_a_terminal(tmp_path, monkeypatch, capfd):
+    """`llmmem fetch` into a log: no progress bars, no progress lines, one summary line."""
+    import logging
+
+    from llmmem import presets
+    from llmmem.cli import main
+    from llmmem.progress import progress
+
+    def fake_fetch(dest, quiet):
+        log = logging.getLogger("llmmem.presets")
+        for i in progress(range(50), desc="download", quiet=quiet):
+            log.info("step %d", i)
+        from huggingface_hub.utils import are_progress_bars_disabled
+        from tqdm.auto import tqdm  # a library's own bar (hub downloads, transformers' shard writer)
+        for _ in tqdm(range(50), desc="library bar", disable=are_progress_bars_disabled()):
+            pass
+        dest.mkdir(parents=True)
+        (dest / "config.json").write_text("{}")
+
+    monkeypatch.setenv("LLMMEM_HOME", str(tmp_path))
+    monkeypatch.setitem(presets.PRESETS._entries, "fake", presets.PRESETS._entries["testbed"].__class__(
+        "fake", presets.Preset("fake", "a test preset", None, fake_fetch), "fake"))
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers[:] = []  # as in a fresh process: cli.main's basicConfig writes INFO lines to stderr
+    try:
+        assert main(["fetch", "fake"]) == 0
+        out, err = capfd.readouterr()
+        assert main(["fetch", "fake"]) == 0
+        again, err2 = capfd.readouterr()
+    finally:
+        root.handlers[:] = saved
+    assert err.strip() == "" and err2.strip() == "", err + err2
+    assert len(out.splitlines()) == 1 and "fake ->" in out, out
+    assert "already there" in again

@@ -145,7 +145,7 @@ def test_cli_bad_input(tmp_path, capsys, tiny_testbed):
     cfg.write_text("world: {n_entities: 0}\n")
     bad(["--preset", "tiny", "--config", cfg, "--output", tmp_path / "x"], "n_entities=0")
     cfg.write_text("world: {n_canaries: 5}\n")
-    bad(["--preset", "tiny", "--config", cfg, "--output", tmp_path / "x"], "unknown world key")
+    bad(["--preset", "tiny", "--config", cfg, "--output", tmp_path / "x"], "world: unknown key(s) n_canaries")
     bad(["--preset", "tiny", "--output", tiny_testbed], "not empty", "--overwrite")
     ex = tmp_path / "forget.txt"
     ex.write_text("canary-0\ncanary-777\n")

@@ -47,7 +47,7 @@ class Unlearn(Intervention):
     def prepare(self, spec: UnlearnSpec, env: PrepareEnv) -> None:
         from llmmem.unlearning.spec import secret_space
 
-        check_method(spec)
+        check_method(spec)  # unknown method_args, bad values: one line, before any load
         forget, _, nonmember = load_sets(spec, env.include_path)
         secret_space(spec, env.include_path, [e.secret for e in forget + nonmember if e.secret])
 

@@ -121,6 +121,12 @@ def check_calibration_source(source: str) -> None:
     if source in ("auto", "self", "c4") or source.startswith("hf:"):
         if source.startswith("hf:") and not source[3:].split(":")[0]:
             raise ConfigError(f"calibration={source!r}: hf: needs a dataset path, e.g. hf:allenai/c4:en:train")
+        if source == "c4" or source.startswith("hf:") and not Path(source[3:].split(":")[0]).exists():
+            from llmmem.presets import hub_reachable
+
+            if not hub_reachable():
+                raise ConfigError(f"calibration={source!r} needs the Hugging Face hub, which is unreachable; use "
+                                  "self, auto or a local token/text file")
         return
     p = Path(source).expanduser()
     if p.suffix not in TOKEN_SUFFIXES + TEXT_SUFFIXES:

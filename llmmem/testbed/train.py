@@ -97,6 +97,25 @@ PRESETS = {
 }
 
 
+def _typed(key: str, value, default):
+    """A config value parsed as its default's type (int, float, bool, str, or a [min, max] pair of ints)."""
+    from llmmem.config import parse_bool, parse_float, parse_int
+
+    if isinstance(default, bool):
+        return parse_bool(key, value)
+    if isinstance(default, int):
+        return parse_int(key, value)
+    if isinstance(default, float):
+        return parse_float(key, value)
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != len(default):
+            raise ConfigError(f"{key}={value!r} must be a list of {len(default)} integers, e.g. {list(default)}")
+        return tuple(parse_int(f"{key}[{i}]", x) for i, x in enumerate(value))
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"{key}={value!r} must be a string")
+    return value
+
+
 def preset_config(name: str, overrides: dict | None = None) -> TrainConfig:
     """A preset's config, with optional overrides ``{"train": {...}, "world": {...}}`` (e.g. from YAML)."""
     if name not in PRESETS:
@@ -104,19 +123,15 @@ def preset_config(name: str, overrides: dict | None = None) -> TrainConfig:
     cfg = PRESETS[name]()
     if not overrides:
         return cfg
-    unknown = set(overrides) - {"train", "world"}
-    if unknown:
-        raise ConfigError(f"testbed config: unknown section(s) {', '.join(sorted(unknown))}; use train: and world:")
+    from llmmem.config import check_keys
+
+    check_keys("testbed config", overrides, {"train", "world"})
     world_kw = asdict(cfg.world)
-    for k, v in (overrides.get("world") or {}).items():
-        if k not in world_kw:
-            raise ConfigError(f"testbed config: unknown world key {k!r}; allowed: {', '.join(world_kw)}")
-        world_kw[k] = tuple(v) if isinstance(v, list) else v
+    for k, v in check_keys("testbed config: world", overrides.get("world") or {}, world_kw).items():
+        world_kw[k] = _typed(f"testbed config: world.{k}", v, world_kw[k])
     train_kw = {k: v for k, v in asdict(cfg).items() if k != "world"}
-    for k, v in (overrides.get("train") or {}).items():
-        if k not in train_kw:
-            raise ConfigError(f"testbed config: unknown train key {k!r}; allowed: {', '.join(train_kw)}")
-        train_kw[k] = v
+    for k, v in check_keys("testbed config: train", overrides.get("train") or {}, train_kw).items():
+        train_kw[k] = _typed(f"testbed config: train.{k}", v, train_kw[k])
     return TrainConfig(**train_kw, world=WorldConfig(**world_kw))
 
 
@@ -438,6 +453,20 @@ def build_testbed(output: str | Path, preset: str = "small", seed: int = 0, over
                  "excluded_canaries": sorted(i for i in exclude or [] if i.startswith("canary-")),
                  "excluded_items": world.excluded, "training": info}
         (tmp / "world.json").write_text(world_json(world, extra))
-        # tiny is a test fixture: 200 alternatives keep its exposure pass short (noise: llmmem/exposure.py)
-        write_tasks(world, tmp, exposure_alternatives=200 if preset == "tiny" else None)
+        write_tasks(world, tmp, exposure_alternatives=_task_alternatives(preset))
     return out
+
+
+def _task_alternatives(preset: str) -> int | None:
+    # tiny is a test fixture: 200 alternatives keep its exposure pass short (noise: llmmem/exposure.py)
+    return 200 if preset == "tiny" else None
+
+
+def preset_tasks(dest: str | Path, preset: str = "small", seed: int = 0, config: TrainConfig | None = None) -> Path:
+    """Write into ``dest/tasks`` the tasks ``build_testbed(preset=preset, seed=seed)`` ships, without training
+    (the world is a pure function of the seed and its config, ~1 s): commands on a testbed not built yet are
+    validated against its real tasks before the minutes of training start."""
+    cfg = config or preset_config(preset)
+    dest = Path(dest)
+    write_tasks(build_world(seed, cfg.world), dest, exposure_alternatives=_task_alternatives(preset))
+    return dest / "tasks"

@@ -140,13 +140,13 @@ class Method:
     def __init__(self, **kw):
         unknown = set(kw) - set(self.defaults)
         if unknown:
-            raise ConfigError(f"{type(self).__name__}: unknown argument(s) {', '.join(sorted(unknown))}; "
+            raise ConfigError(f"method_args: {type(self).__name__}: unknown argument(s) {', '.join(sorted(unknown))}; "
                               f"allowed: {', '.join(self.defaults) or 'none'}")
         self.args = {**{k: (list(v) if isinstance(v, list) else v) for k, v in self.defaults.items()}, **kw}
         for k, allowed in self.choices.items():
             v = str(self.args[k]).lower()
             if v not in allowed:
-                raise ConfigError(f"{type(self).__name__}: {k}={self.args[k]!r} is not one of {', '.join(allowed)}")
+                raise ConfigError(f"method_args: {type(self).__name__}: {k}={self.args[k]!r} is not one of {', '.join(allowed)}")
             self.args[k] = v
         for k, v in self.defaults.items():
             if isinstance(v, float) and not isinstance(self.args[k], bool):
@@ -188,16 +188,21 @@ class Method:
 
 
 def _number(method: str, key: str, v) -> float:
+    import math
+
     try:
-        return float(v)
+        x = float(v)
     except (TypeError, ValueError):
-        raise ConfigError(f"{method}: {key}={v!r} is not a number") from None
+        raise ConfigError(f"method_args: {method}: {key}={v!r} is not a number") from None
+    if not math.isfinite(x):
+        raise ConfigError(f"method_args: {method}: {key}={v!r} is not a finite number")
+    return x
 
 
 def _integer(method: str, key: str, v) -> int:
     f = _number(method, key, v)
     if f != int(f):
-        raise ConfigError(f"{method}: {key}={v!r} must be an integer")
+        raise ConfigError(f"method_args: {method}: {key}={v!r} must be an integer")
     return int(f)
 
 
