@@ -16,6 +16,7 @@ def _cell(path):
     return json.loads(next(path.rglob("results.json")).read_text())
 
 
+@pytest.mark.slow  # ~1.5 min: two full evaluations through both harnesses
 def test_export_and_same_numbers_within_error(tmp_path, tiny_testbed, capsys):
     out = tmp_path / "exported"
     assert run_cli(["export-lm-eval", out, "--include_path", tiny_testbed / "tasks",
@@ -48,6 +49,7 @@ def test_lm_eval_cli_runs_exported_tasks(tmp_path, tiny_testbed):
     assert "llmmem_testbed_recall" in proc.stdout and "exact_match" in proc.stdout
 
 
+@pytest.mark.slow  # ~1 min: lm-eval tasks in a two-cell sweep
 def test_lm_eval_task_in_a_sweep(tmp_path, tiny_testbed, capsys):
     import yaml
 
