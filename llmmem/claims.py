@@ -33,6 +33,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmmem.results import pid_alive
+
 log = logging.getLogger(__name__)
 
 CLAIMS_DIR = ".claims"
@@ -64,16 +66,6 @@ def cell_key(cell) -> str:
     from llmmem.cells import config_hash
 
     return config_hash(cell.config(), 16)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass

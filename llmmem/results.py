@@ -82,14 +82,15 @@ def _clean_stale_partials(dest: Path) -> None:
     for p in dest.glob(f"{PARTIAL}*"):
         try:
             phost, pid = p.name[len(PARTIAL):].rsplit("-", 2)[:2]
-            alive = phost != host or _pid_alive(int(pid))
+            alive = phost != host or pid_alive(int(pid))
         except ValueError:
             alive = False
         if not alive:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one owned by another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -37,7 +37,7 @@ from llmmem.config import (
     parse_positive_int,
 )
 from llmmem.interventions import PrepareEnv, expand_stages, with_prefixes
-from llmmem.results import CellDir, check_run_record, read_cell
+from llmmem.results import CellDir, check_run_record, pid_alive, read_cell
 
 log = logging.getLogger(__name__)
 
@@ -282,16 +282,6 @@ def check_old_layout(run_dir: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- lock
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class RunLock:
     """``<run>/.llmmem.lock`` holding pid, host and start time; stale locks (dead pid, same host) are taken over."""
 
@@ -312,7 +302,7 @@ class RunLock:
                 except (OSError, ValueError):
                     other = {}
                 pid, host = other.get("pid"), other.get("host")
-                if host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
+                if host == me["host"] and isinstance(pid, int) and not pid_alive(pid):
                     log.warning("taking over a stale lock of pid %s (no longer running)", pid)
                     self.path.unlink(missing_ok=True)
                     continue
