@@ -20,7 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmmem.backends.base import GenerateRequest, GenerateResult, LoglikelihoodResult, TokenizedBackend
+from llmmem.backends.base import (
+    GenerateRequest,
+    GenerateResult,
+    LoglikelihoodResult,
+    TokenizedBackend,
+    truncate_at_stops,
+)
 from llmmem.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -189,12 +195,15 @@ class VLLMBackend(TokenizedBackend):
         outs = self.llm.generate(prompts, params, use_tqdm=not self.quiet)
         eos = set(self.stop_ids())
         results = []
-        for out in outs:
+        for r, out in zip(requests, outs):
             o = out.outputs[0]
             ids = list(o.token_ids)
             for j, t in enumerate(ids):
                 if t in eos:
                     ids = ids[:j]
                     break
-            results.append(GenerateResult(o.text, ids))
+            # the text of the generated ids as the HF backend decodes it (vLLM's incremental detokenizer may keep
+            # a space the prompt's last token owns), cut at the first stop string
+            results.append(GenerateResult(truncate_at_stops(self.tok.decode(ids, skip_special_tokens=True),
+                                                            list(r.until)), ids))
         return results
