@@ -483,6 +483,13 @@ def analyse(run_dir) -> dict:
     return out
 
 
+def _rho_cells(c: dict) -> str:
+    """'rho | [lo, hi]' for a table row, or 'undefined' when one side is constant (no ranking to correlate)."""
+    if math.isnan(c["spearman"]):
+        return "undefined | -"
+    return f"{c['spearman']:.2f} | [{c['ci_low']:.2f}, {c['ci_high']:.2f}]"
+
+
 def _num(v):
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan")
 
@@ -528,8 +535,12 @@ def findings(a: dict) -> list[str]:
                      f"strongest {c['a']} vs {c['b']}, Spearman {c['spearman']:.2f} [{c['ci_low']:.2f}, "
                      f"{c['ci_high']:.2f}] over {c['n']} examples.")
     elif a["correlations"]:
-        lines.append("No pair of interventions showed a survival-time correlation whose 95% interval excludes 0 "
-                     f"({len(a['correlations'])} pairs, forget set).")
+        defined = [c for c in a["correlations"] if c["spearman"] == c["spearman"]]
+        undefined = len(a["correlations"]) - len(defined)
+        lines.append(f"No pair of interventions showed a survival-time correlation whose 95% interval excludes 0 "
+                     f"({len(defined)} pairs with a correlation, forget set)"
+                     + (f"; for {undefined} pairs none exists: under one of the two no forget example disappeared "
+                        f"(or all at once) at the levels run." if undefined else "."))
     return lines
 
 
@@ -574,16 +585,15 @@ def write_report(run_dir) -> Path:
                   "Spearman correlation of survival times on the forget set (censored examples rank last), "
                   "bootstrap 95% interval.", "", "| a | b | rho | 95% CI | n |", "|---|---|---:|---|---:|"]
         for c in a["correlations"]:
-            lines.append(f"| {c['a']} | {c['b']} | {c['spearman']:.2f} | [{c['ci_low']:.2f}, {c['ci_high']:.2f}] | "
-                         f"{c['n']} |")
-        lines.append("")
+            lines.append(f"| {c['a']} | {c['b']} | {_rho_cells(c)} | {c['n']} |")
+        lines += ["", "undefined: under one of the two, every example had the same survival time at these levels "
+                  "(e.g. none disappeared), so no ranking exists.", ""]
     if a["predictors"]:
         lines += ["## What predicts survival", "", "| series | predictor | rho | 95% CI | n |",
                   "|---|---|---:|---|---:|"]
         for series, preds in sorted(a["predictors"].items()):
             for k, c in preds.items():
-                lines.append(f"| {series} | {k} | {c['spearman']:.2f} | [{c['ci_low']:.2f}, {c['ci_high']:.2f}] | "
-                             f"{c['n']} |")
+                lines.append(f"| {series} | {k} | {_rho_cells(c)} | {c['n']} |")
         lines.append("")
     path = run_dir / "durability.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
