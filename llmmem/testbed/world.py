@@ -21,6 +21,7 @@ ground truth byte for byte. Words are whole tokens (the testbed tokenizer is wor
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -150,6 +151,7 @@ def _count_kinds(docs) -> dict:
     return out
 
 
+@functools.cache
 def _word_space(syllables: int) -> frozenset:
     """Every distinct word of ``syllables`` syllables (900 of two, 27,000 of three)."""
     words = {""}
