@@ -6,9 +6,10 @@ for unstructured, per M-column group for N:M) and each pruned weight's error is 
 not-yet-processed columns through the upper Cholesky factor of ``H^-1``.
 
 Speed without changing a bit: linears fed the same input tensor (q/k/v, gate/up) share one Hessian and one
-Cholesky factor (the reference computes equal ones separately); the column loop is the reference's, operation
-for operation (a sub-blocked variant was faster but summed in another order and drifted from the reference's
-masks on a real model: see :func:`_obs_columns`).
+Cholesky factor (the reference computes equal ones separately); the column loop computes every value with the
+reference's operations in the reference's order, on the block transposed and with fewer kernel launches per
+column (:func:`_obs_columns`; a sub-blocked variant summed in another order and drifted from the reference's
+masks on a real model, so reorderings are out).
 
 TF32 is off for the whole SparseGPT run (the block forward passes, the Hessian accumulation and the OBS
 update), as in the reference's ``sparsegpt.py``, which turns it off globally at import; the caller's
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 
 import torch
 
@@ -136,43 +138,98 @@ def _prepare(H: torch.Tensor, percdamp: float, where: str, notes: list) -> tuple
     return dead, _inverse_cholesky(H, percdamp, where, notes)
 
 
-def _obs_columns(W: torch.Tensor, U: torch.Tensor, sparsity: float, n: int, m: int, blocksize: int) -> None:
-    """Prune and reconstruct ``W`` ([out, in]) in place with the reference's ``fasterprune`` loop, operation for
-    operation (column by column inside a block, then one product for the columns after it).
+class _BlockWorkspace:
+    """Buffers and per-column views for one ``[out, count]`` block of :func:`_obs_columns`, made once per shape.
 
-    A faster variant (the weight transposed, errors grouped in sub-blocks) gave the same result in exact
-    arithmetic but summed in another order: on SmolLM2-135M its masks agreed with the reference's on only
-    98.4% of the entries (max relative error 0.18, carried block to block), where this loop agrees exactly
-    (benchmarks/pruning.py). The reference's numbers come first.
+    The block is held transposed (``WT[c]`` = column ``c`` of the reference's ``W1``, contiguous), so every
+    per-column operation reads and writes contiguous memory; the views each column needs are built here once,
+    so the column loop itself only runs four kernels.
     """
-    cols = W.shape[1]
+
+    def __init__(self, rows: int, count: int, dtype, device):
+        self.WT = torch.empty((count, rows), dtype=dtype, device=device)  # the block, transposed
+        self.ET = torch.empty_like(self.WT)  # the errors, transposed
+        self.MT = torch.empty((count, rows), dtype=torch.bool, device=device)  # the mask, transposed
+        self.U1 = torch.empty((count, count), dtype=dtype, device=device)
+        self.Err1 = torch.empty((rows, count), dtype=dtype, device=device)  # the reference's Err1 (contiguous)
+        prod = torch.empty((max(count - 1, 0), rows), dtype=dtype, device=device)
+        self.zero = torch.zeros((), dtype=dtype, device=device)
+        WT, ET, MT, U1 = self.WT, self.ET, self.MT, self.U1
+        # column c: (w, err, mask, d, U1[c, c+1:] as a column, err as a row, product buffer, later columns)
+        self.steps = [(WT[c], ET[c], MT[c], U1[c, c], U1[c, c + 1:].unsqueeze(1), ET[c].unsqueeze(0),
+                       prod[:count - c - 1], WT[c + 1:]) for c in range(count)]
+
+
+_workspaces = threading.local()  # per thread: (rows, count, dtype, device) -> _BlockWorkspace, a few recent ones
+
+
+def _workspace(rows: int, count: int, dtype, device) -> _BlockWorkspace:
+    cache = getattr(_workspaces, "cache", None)
+    if cache is None:
+        cache = _workspaces.cache = {}
+    key = (rows, count, dtype, torch.device(device))
+    ws = cache.pop(key, None)
+    if ws is None:
+        ws = _BlockWorkspace(rows, count, dtype, device)
+    cache[key] = ws  # most recently used last
+    while len(cache) > 8:
+        del cache[next(iter(cache))]
+    return ws
+
+
+def _obs_columns(W: torch.Tensor, U: torch.Tensor, sparsity: float, n: int, m: int, blocksize: int) -> None:
+    """Prune and reconstruct ``W`` ([out, in]) in place, bit for bit as the reference's ``fasterprune`` loop
+    (column by column inside a block, then one product for the columns after it).
+
+    Every value is computed by the same floating-point operations, in the same order, as the reference;
+    only the layout and the bookkeeping differ (the tests check equality bit for bit, for unstructured and
+    N:M masks, on the reference loop itself):
+
+    * the block is processed transposed (columns contiguous), in buffers and views made once per shape;
+    * the error of column ``c`` is ``where(mask, w, 0) / d``, which equals the reference's ``(w - q) / d``
+      bit for bit (``w - 0 = w``; ``w - w = +0``);
+    * its update of the later columns is the reference's rank-1 product, each entry ``err * u`` rounded once
+      (a product ``k = 1`` is exactly that), then subtracted on its own (never a fused multiply-add); the
+      reference also updates column ``c`` itself, which is never read again, so that is skipped;
+    * the pruned block ``Q1`` is made once at the block's end (the mask's entries of the block zeroed), not
+      column by column;
+    * the update of the columns after the block is the reference's product, with ``Err1`` laid out as the
+      reference's (contiguous ``[out, count]``), since a long product's summation order may depend on it.
+
+    A faster variant that grouped the errors in sub-blocks summed in another order: on SmolLM2-135M its masks
+    agreed with the reference's on only 98.4% of the entries (max relative error 0.18, carried block to
+    block). Such reorderings are excluded: the reference's numbers come first.
+    """
+    rows, cols = W.shape
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        d1 = torch.diag(U1)
+        ws = _workspace(rows, count, W.dtype, W.device)
+        WT, MT = ws.WT, ws.MT
+        WT.copy_(W[:, i1:i2].t())
+        ws.U1.copy_(U[i1:i2, i1:i2])
+        d1 = torch.diag(ws.U1)
         if m == 0:
-            score = W1 ** 2 / d1.reshape(1, -1) ** 2  # the reference's sorted(score)[k], found by selection
-            mask1 = score <= kth_smallest(score, int(score.numel() * sparsity) + 1)
+            score = WT ** 2 / d1.reshape(-1, 1) ** 2  # the reference's sorted(score)[k], found by selection
+            torch.le(score, kth_smallest(score, int(score.numel() * sparsity) + 1), out=MT)
+            for w, err, mask, d, u, err_row, prod, later in ws.steps:
+                torch.where(mask, w, ws.zero, out=err)
+                err.div_(d)
+                torch.mul(u, err_row, out=prod)
+                later.sub_(prod)
         else:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        for i in range(count):
-            w = W1[:, i]
-            d = U1[i, i]
-            if m and i % m == 0:
-                score = W1[:, i:i + m] ** 2 / d1[i:i + m].reshape(1, -1) ** 2
-                mask1.scatter_(1, i + torch.topk(score, n, dim=1, largest=False)[1], True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            MT.zero_()
+            for c, (w, err, mask, d, u, err_row, prod, later) in enumerate(ws.steps):
+                if c % m == 0:  # the mask of the next m columns, from their current values
+                    score = (WT[c:c + m].t() ** 2 / d1[c:c + m].reshape(1, -1) ** 2).contiguous()
+                    MT.t().scatter_(1, c + torch.topk(score, n, dim=1, largest=False)[1], True)
+                torch.where(mask, w, ws.zero, out=err)
+                err.div_(d)
+                torch.mul(u, err_row, out=prod)
+                later.sub_(prod)
+        torch.where(MT.t(), ws.zero, WT.t(), out=W[:, i1:i2])  # Q1
+        ws.Err1.copy_(ws.ET.t())
+        W[:, i2:] -= ws.Err1 @ U[i1:i2, i2:]
 
 
 def sparsegpt_reconstruct(W: torch.Tensor, H: torch.Tensor, sparsity: float, n: int, m: int,
