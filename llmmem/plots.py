@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from llmmem.config import ConfigError
-from llmmem.report import FAMILY, base_of, family_tasks, groups_of, load_run, retention_of, task_metrics
+from llmmem.report import FAMILY, base_of, family_pairs, family_tasks, groups_of, load_run, retention_of, task_metrics
 from llmmem.stats import family_retention
 
 FAMILY_COLORS = {"recall": "#c0392b", "icl": "#2471a3", "extraction": "#7d3c98", "mia": "#7f8c8d"}
@@ -146,18 +146,11 @@ def headline(cells, out: Path) -> list[Path]:
         if not series_list:
             continue
         fig, axes = plt.subplots(1, len(series_list), figsize=(4.6 * len(series_list), 3.8), sharey=True, squeeze=False)
-        tm = []
-        for c in gcells:
-            for x in task_metrics(c["doc"]):
-                if x not in tm and x[1] != "parametric" and x[2] in ("recall", "icl", "extraction"):
-                    tm.append(x)
+        fams = family_pairs(gcells)
         for ax, series in zip(axes[0], series_list):
             members = [c for c in gcells if c["series"] == series]
             base = base_of(cells, members[0])
-            for fam in ("recall", "icl", "extraction"):
-                pairs = [(t, m) for t, m, s in tm if s == fam]
-                if not pairs:
-                    continue
+            for fam, pairs in fams.items():
                 pts, used = [], set()
                 for c in ([base] if base is not None else []) + members:
                     r = family_retention(family_tasks(cells, c, pairs), seed=0)

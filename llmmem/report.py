@@ -239,6 +239,8 @@ def _group_tables(model: str, tag: str, mcells: list[dict], cells: list[dict]) -
         if normalised and undefined:
             lines += [f"- retention of {t} {m} undefined: {why}" for (t, m), why in undefined.items()] + [""]
     lines += benchmark_tables(cells, mcells)
+    lines += dense_vs_chance(cells, mcells)
+    lines += headline_retention(cells, mcells)
     lines += recall_vs_icl(cells, mcells)
     pruned = [c for c in mcells if c["doc"].get("pruning")]
     if pruned:
@@ -317,17 +319,89 @@ def _predict_only_section(model: str, tag: str, mcells: list[dict]) -> list[str]
     return lines + [""]
 
 
+HEADLINE_FAMILIES = ("recall", "icl", "extraction")
+
+
+def family_pairs(mcells: list[dict], families=HEADLINE_FAMILIES) -> dict[str, list[tuple[str, str]]]:
+    """Each headline family's (task, metric) pairs among these cells: every task's primary metric (overriding
+    QA's ``parametric`` is a recall probe inside an in-context task, never part of a family). The one
+    producer of the families the report's tables and the headline figure average over."""
+    fams: dict = {f: [] for f in families}
+    for c in mcells:
+        for task, metric, suite in task_metrics(c["doc"]):
+            if suite in fams and metric != "parametric" and (task, metric) not in fams[suite]:
+                fams[suite].append((task, metric))
+    return {f: pairs for f, pairs in fams.items() if pairs}
+
+
+def dense_vs_chance(cells: list[dict], mcells: list[dict]) -> list[str]:
+    """How far above chance each headline task is on the dense model, in standard errors of the dense mean
+    (a task closer than ``llmmem.stats.MIN_Z`` standard errors has no retention: it is left out)."""
+    import numpy as np
+
+    from llmmem.stats import MIN_Z, paired_values
+
+    fams = family_pairs(mcells)
+    dense = next((c for c in mcells if c["kind"] == "dense"), None)
+    if dense is None or not fams:
+        return []
+    out = ["### headline tasks on the dense model", "",
+           f"(dense - chance) / SE of the dense mean over docs; a task below {MIN_Z:g} standard errors has no "
+           "retention (its family averages the others).", "",
+           "| family | task | metric | dense | chance | n | (dense - chance) / SE |", "|---|---|---|---:|---:|---:|---:|"]
+    for fam, pairs in fams.items():
+        for task, metric in pairs:
+            rows = samples_of(dense, task)
+            if not rows:
+                continue
+            d = paired_values(rows, rows, metric)[1]
+            if len(d) < 2:
+                continue
+            chance = chance_of(dense["doc"], task, metric)
+            se = float(np.std(d, ddof=1)) / math.sqrt(len(d))
+            z = (float(d.mean()) - chance) / se if se > 0 else float("inf")
+            out.append(f"| {FAMILY[fam]} | {task} | {metric} | {d.mean():.3f} | {chance:.3g} | {len(d)} | {z:.1f} |")
+    return out + [""]
+
+
+def headline_retention(cells: list[dict], mcells: list[dict]) -> list[str]:
+    """The headline figure's numbers: each family's retention (mean over its tasks) ± its bootstrap standard
+    error, per cell, and the largest standard error among them."""
+    from llmmem.stats import family_retention
+
+    fams = family_pairs(mcells)
+    pruned = [c for c in mcells if c["kind"] != "dense"]
+    if not fams or not pruned:
+        return []
+    out = ["### headline: retention by task family", "",
+           "Mean chance-corrected retention over the family's tasks ± standard error (paired bootstrap over docs "
+           "within each task; llmmem.stats.family_retention), as in the headline figure.", "",
+           "| cell | " + " | ".join(FAMILY[f] for f in fams) + " |", "|---|" + "---:|" * len(fams)]
+    ses = []
+    for c in pruned:
+        vals = []
+        for pairs in fams.values():
+            r = family_retention(family_tasks(cells, c, pairs), seed=0)
+            if r["defined"]:
+                vals.append(f"{r['value']:.2f} ± {_fmt(r['stderr'], 3)}")
+                if not math.isnan(r["stderr"]):
+                    ses.append((r["stderr"], c["label"]))
+            else:
+                vals.append("-")
+        out.append(f"| {c['label']} | " + " | ".join(vals) + " |")
+    if ses:
+        se, where = max(ses)
+        out += ["", f"Largest standard error: {se:.3f} ({where})."]
+    return out + [""]
+
+
 def recall_vs_icl(cells: list[dict], mcells: list[dict]) -> list[str]:
     """The headline's claim in words: at each point of each series, is closed-book retention below in-context
     retention? (``llmmem.stats.retention_difference_test``: paired bootstrap within each task, one-sided p.)"""
     from llmmem.stats import retention_difference_test
 
-    fams: dict = {"recall": [], "icl": []}
-    for c in mcells:
-        for task, metric, suite in task_metrics(c["doc"]):
-            if suite in fams and metric != "parametric" and (task, metric) not in fams[suite]:
-                fams[suite].append((task, metric))
-    if not fams["recall"] or not fams["icl"]:
+    fams = family_pairs(mcells, ("recall", "icl"))
+    if len(fams) < 2:
         return []
     out = ["### closed-book recall vs in-context learning", "",
            "Retention difference (closed-book - in-context), 95% interval, one-sided p for closed-book < in-context; "

@@ -100,3 +100,47 @@ def test_benchmark_tables_in_their_own_layouts(tmp_path):
     assert report[j + 4] == "| dense | 0.580 | 0.640 | -99.800 | 0.550 | 1.00 |"
     assert report[j + 5] == "| npo-10steps | 0.000 | 0.100 | 12.000 | 0.440 | 0.80 |"
     assert any("C5 (scalability" in ln and "C6 (sustainability" in ln for ln in report[j:])
+
+
+def test_report_states_family_retention_dense_gap_and_the_paired_test(tmp_path):
+    """Issue 21: the report gives the headline's numbers - each family's retention ± SE per cell, the largest
+    SE, each headline task's distance from chance on the dense model in standard errors - and the recall-vs-ICL
+    statement with both families' SEs; all computed by llmmem.stats from the same per-doc rows."""
+    import math
+
+    import numpy as np
+
+    from llmmem.stats import family_retention, retention_difference_test
+
+    dense_cap = [1, 1, 1, 1, 0, 1, 1, 0, 1, 1] * 4
+    cut_cap = [1, 0, 1, 0, 0, 1, 0, 0, 1, 0] * 4
+    dense_ctx = [1, 1, 0, 1, 1] * 8
+    cut_ctx = [1, 1, 0, 1, 0] * 8
+    suites = {"capitals": "recall", "override": "icl"}
+    _cell(tmp_path, "dense-1", "dense", [], {"capitals": _rows(dense_cap), "override": _rows(dense_ctx)},
+          suites=suites)
+    _cell(tmp_path, "wanda-2", "wanda-unstructured-s0.5", [{"kind": "prune"}],
+          {"capitals": _rows(cut_cap), "override": _rows(cut_ctx)}, suites=suites)
+    report = build_report(tmp_path).splitlines()
+
+    rec = family_retention({"capitals": {"cell": _rows(cut_cap), "dense": _rows(dense_cap), "metric": "exact_match"}})
+    icl = family_retention({"override": {"cell": _rows(cut_ctx), "dense": _rows(dense_ctx), "metric": "exact_match"}})
+    i = report.index("### headline: retention by task family")
+    assert report[i + 4] == "| cell | closed-book recall | in-context learning |"
+    assert report[i + 6] == (f"| wanda-unstructured-s0.5 | {rec['value']:.2f} ± {rec['stderr']:.3f} | "
+                             f"{icl['value']:.2f} ± {icl['stderr']:.3f} |")
+    assert rec["value"] == pytest.approx(16 / 32) and icl["value"] == pytest.approx(24 / 32)
+    assert f"Largest standard error: {max(rec['stderr'], icl['stderr']):.3f} (wanda-unstructured-s0.5)." in report
+
+    j = report.index("### headline tasks on the dense model")
+    d = np.array(dense_cap, dtype=float)
+    z = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))  # chance 0
+    assert f"| closed-book recall | capitals | exact_match | 0.800 | 0 | 40 | {z:.1f} |" in report[j:j + 8]
+
+    t = retention_difference_test({"capitals": {"cell": _rows(cut_cap), "dense": _rows(dense_cap), "metric": "exact_match"}},
+                                  {"override": {"cell": _rows(cut_ctx), "dense": _rows(dense_ctx), "metric": "exact_match"}},
+                                  seed=0)
+    row = next(ln for ln in report if ln.startswith("| wanda-unstructured-s0.5 |") and "[" in ln)
+    assert row == (f"| wanda-unstructured-s0.5 | {rec['value']:.2f} | {icl['value']:.2f} | {t['difference']:+.2f} "
+                   f"[{t['ci_low']:+.2f}, {t['ci_high']:+.2f}] | {t['p_value']:.3f} | yes |")
+    assert t["p_value"] < 0.05  # 0.50 against 0.75 over 40 docs each
