@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tiny
-from llmmem.pruning import prune
+from llmmem.pruning import prune, sparsegpt
 from llmmem.pruning.calibration import Calibration
 from llmmem.pruning.masks import row_mask, threshold_mask
 from llmmem.pruning.sparsegpt import HessianStats, full_fp32_matmul, sparsegpt_reconstruct
@@ -111,6 +111,40 @@ def test_sparsegpt_column_loop_is_the_reference_loop(structure, shape):
         assert torch.equal(got, exp), (shape, structure, blocksize)  # bit for bit, no tolerance
 
 
+def _reference_hessian(batches):
+    """SparseGPT's ``add_batch``, one sequence per call, as the Wanda code calls it."""
+    H, nsamples = None, 0
+    for x in batches:
+        for seq in x:
+            inp = seq.t()  # [d_in, tokens], a transposed view
+            H = torch.zeros(inp.shape[0], inp.shape[0]) if H is None else H
+            H *= nsamples / (nsamples + 1)
+            nsamples += 1
+            inp = math.sqrt(2 / nsamples) * inp.float()
+            H += inp.matmul(inp.t())
+    return H
+
+
+@pytest.mark.parametrize("shape", [(37, 192), (256, 576), (64, 208), (37, 200), (64, 130), (19, 16)])
+def test_hessian_is_the_reference_hessian_bit_for_bit(shape):
+    """Also through the upper-staircase product (d_in > 64 on the CPU) and its mirrored lower half, where
+    that gives the full product's bits (with MKL: d_in a multiple of 16; other d_in fall back to the full
+    product, e.g. 200: MKL's edge tiles there sum in another order)."""
+    tokens, d = shape
+    g = torch.Generator().manual_seed(d)
+    scale = torch.exp(torch.randn(d, generator=g))
+    batches = [torch.randn(b, tokens, d, generator=g) * scale for b in (3, 1, 2)]
+    stats = HessianStats(d, "cpu")
+    for i, x in enumerate(batches):
+        stats.add(x)
+        if i == 1:  # read in between: mirrored, then stale again after the next add
+            assert torch.equal(stats.H, _reference_hessian(batches[:2]))
+    assert torch.equal(stats.H, _reference_hessian(batches))
+    assert torch.equal(stats.H, stats.H.t())
+    if d > 64 and d % 16 == 0 and torch.backends.mkl.is_available():  # the staircase was exact, and used
+        assert sparsegpt._staircase_exact[(torch.device("cpu"), tokens, d)]
+
+
 def test_linears_fed_one_input_share_one_hessian_bit_for_bit():
     g = torch.Generator().manual_seed(0)
     shared: dict = {}
@@ -132,6 +166,16 @@ def test_linears_fed_one_input_share_one_hessian_bit_for_bit():
     x.mul_(2)  # changed in place between the two hooks: not the same input any more
     d.add(x)
     assert d.H is not c.H and torch.equal(d.H, 4 * c.H)
+    shared.clear()  # and with Hessians accumulated on their upper staircase (d_in > 64)
+    a, b, alone = HessianStats(128, "cpu", shared=shared), HessianStats(128, "cpu", shared=shared), HessianStats(128, "cpu")
+    for i in range(3):
+        x = torch.randn(2, 5, 128, generator=g)
+        a.add(x)
+        b.add(x)
+        alone.add(x)
+        if i == 1:
+            assert torch.equal(b.H, alone.H)  # b mirrors the shared H; a sees it mirrored
+    assert b.H is a.H and torch.equal(a.H, alone.H) and torch.equal(a.H, a.H.t())
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "phi"])
@@ -140,17 +184,12 @@ def test_shared_hessians_give_the_unshared_pruning(arch, monkeypatch):
     calib = Calibration(torch.randint(3, 300, (6, 12), generator=g), "random", 0)
     shared_model, plain_model = tiny.make_model(arch), tiny.make_model(arch)
     prune(shared_model, PruneSpec("sparsegpt", 0.5), calib)
+    init = HessianStats.__init__
     monkeypatch.setattr("llmmem.pruning.sparsegpt.HessianStats.__init__",
-                        lambda self, d, dev, shared=None: _plain_init(self, d, dev))
+                        lambda self, d, dev, shared=None: init(self, d, dev))
     prune(plain_model, PruneSpec("sparsegpt", 0.5), calib)
     for (k, a), b in zip(shared_model.state_dict().items(), plain_model.state_dict().values()):
         assert torch.equal(a, b), k
-
-
-def _plain_init(self, d, dev):
-    self.H = torch.zeros((d, d), dtype=torch.float32, device=dev)
-    self.nsamples = 0
-    self.shared = None
 
 
 def _precision_state():

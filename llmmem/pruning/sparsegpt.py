@@ -67,6 +67,28 @@ def full_fp32_matmul():
             b.cudnn.allow_tf32 = cudnn
 
 
+_workspaces = threading.local()  # per thread: a few recently used buffers, by shape
+
+
+def _cached(cls, *args):
+    """This thread's ``cls(*args)`` (a set of buffers), made on first use; the 8 most recent are kept."""
+    cache = getattr(_workspaces, "cache", None)
+    if cache is None:
+        cache = _workspaces.cache = {}
+    key = (cls, *args)
+    ws = cache.pop(key, None)
+    if ws is None:
+        ws = cls(*args)
+    cache[key] = ws  # most recently used last
+    while len(cache) > 8:
+        del cache[next(iter(cache))]
+    return ws
+
+
+_TILE = 64  # rows of a tile of the Hessian's upper staircase (a multiple of 16: 64-byte aligned slices)
+_staircase_exact: dict = {}  # (device, tokens, d_in) -> whether the staircase gives the full product's bits
+
+
 class HessianStats:
     """``H`` accumulated one calibration sequence at a time with the reference's running-mean update.
 
@@ -75,33 +97,96 @@ class HessianStats:
     ``detach()``) then hold one Hessian tensor: the first computes it, the others adopt it. The dict
     holds those inputs alive (so their memory cannot be reused meanwhile); the caller clears it once a
     block's statistics pass is over.
+
+    Each sequence's product ``X^T X`` is symmetric; on the CPU only its upper staircase (tiles of ``_TILE`` rows,
+    from the diagonal on) is computed, about half the work, and the rest of ``H`` is mirrored from it when
+    ``H`` is read. Each entry is the same dot product as in the full product, so the bits are the same:
+    this is checked on the first sequence of each shape (against the full product, which must itself be
+    bitwise symmetric), and the full product is used where it is not so.
     """
 
     def __init__(self, d_in: int, device, shared: dict | None = None):
-        self.H = torch.zeros((d_in, d_in), dtype=torch.float32, device=device)
+        # [H, whether H's lower staircase is stale (to be mirrored from the upper one before H is read)]
+        self._acc = [torch.zeros((d_in, d_in), dtype=torch.float32, device=device), False]
         self.nsamples = 0
         self.shared = shared
+
+    @property
+    def H(self) -> torch.Tensor:
+        acc = self._acc
+        if acc[1]:
+            _mirror_upper(acc[0])
+            acc[1] = False
+        return acc[0]
 
     def add(self, x: torch.Tensor) -> None:
         if self.shared is not None:
             key = _input_key(x)
             hit = self.shared.get(key)
             # the same input, added to a Hessian that was in our state before
-            if hit is not None and hit[1] == self.nsamples and hit[3].shape == self.H.shape:
-                self.H, self.nsamples = hit[3], hit[2]
+            if hit is not None and hit[1] == self.nsamples and hit[3][0].shape == self._acc[0].shape:
+                self._acc, self.nsamples = hit[3], hit[2]
                 return
             before = self.nsamples
         src = x
         if x.dim() == 2:
             x = x.unsqueeze(0)
+        H = self._acc[0]
         with full_fp32_matmul():
             for seq in x.reshape(x.shape[0], -1, x.shape[-1]):  # one sequence at a time, as the reference
-                self.H *= self.nsamples / (self.nsamples + 1)
+                H *= self.nsamples / (self.nsamples + 1)
                 self.nsamples += 1
-                inp = math.sqrt(2 / self.nsamples) * seq.float()
-                self.H += inp.t() @ inp
+                scale = math.sqrt(2 / self.nsamples)
+                G = _upper_product(seq.float(), scale) if H.device.type == "cpu" else None
+                if G is None:
+                    inp = scale * seq.float()
+                    H += inp.t() @ inp
+                else:
+                    H += G  # its lower staircase is zero: H's goes stale
+                    self._acc[1] = True
         if self.shared is not None:
-            self.shared[key] = (src, before, self.nsamples, self.H)
+            self.shared[key] = (src, before, self.nsamples, self._acc)
+
+
+def _tiles(d: int) -> list[tuple[int, int]]:
+    edges = list(range(0, d, _TILE)) + [d]
+    return list(zip(edges, edges[1:]))
+
+
+def _mirror_upper(H: torch.Tensor) -> None:
+    """Copy the upper staircase's off-diagonal tiles onto the lower ones (in place)."""
+    for a0, a1 in _tiles(H.shape[0]):
+        H[a1:, a0:a1].copy_(H[a0:a1, a1:].t())
+
+
+class _ProductWorkspace:
+    def __init__(self, tokens: int, d: int, device):
+        self.inp = torch.empty((tokens, d), dtype=torch.float32, device=device)
+        self.G = torch.zeros((d, d), dtype=torch.float32, device=device)  # lower staircase: stays zero
+        self.slices = [(self.inp[:, a0:a1].t(), self.inp[:, a0:], self.G[a0:a1, a0:]) for a0, a1 in _tiles(d)]
+
+
+def _upper_product(seq: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """``inp^T inp`` for ``inp = scale * seq`` on its upper staircase (zero below), or None where that would not
+    give the full product's bits (checked once per shape)."""
+    tokens, d = seq.shape
+    key = (seq.device, tokens, d)
+    if d <= _TILE or not seq.is_contiguous() or not _staircase_exact.get(key, True):
+        return None
+    ws = _cached(_ProductWorkspace, tokens, d, seq.device)
+    torch.mul(seq, scale, out=ws.inp)  # = scale * seq, as the reference
+    for a, b, out in ws.slices:
+        torch.matmul(a, b, out=out)
+    if key not in _staircase_exact:
+        full = ws.inp.t() @ ws.inp
+        mirrored = ws.G.clone()
+        _mirror_upper(mirrored)
+        _staircase_exact[key] = torch.equal(mirrored, full)
+        if not _staircase_exact[key]:
+            log.info("Hessian products of %d x %d inputs on %s: full (the staircase differs in the last bits)",
+                     tokens, d, seq.device)
+            return None
+    return ws.G
 
 
 def _input_key(x: torch.Tensor) -> tuple:
@@ -160,23 +245,6 @@ class _BlockWorkspace:
                        prod[:count - c - 1], WT[c + 1:]) for c in range(count)]
 
 
-_workspaces = threading.local()  # per thread: (rows, count, dtype, device) -> _BlockWorkspace, a few recent ones
-
-
-def _workspace(rows: int, count: int, dtype, device) -> _BlockWorkspace:
-    cache = getattr(_workspaces, "cache", None)
-    if cache is None:
-        cache = _workspaces.cache = {}
-    key = (rows, count, dtype, torch.device(device))
-    ws = cache.pop(key, None)
-    if ws is None:
-        ws = _BlockWorkspace(rows, count, dtype, device)
-    cache[key] = ws  # most recently used last
-    while len(cache) > 8:
-        del cache[next(iter(cache))]
-    return ws
-
-
 def _obs_columns(W: torch.Tensor, U: torch.Tensor, sparsity: float, n: int, m: int, blocksize: int) -> None:
     """Prune and reconstruct ``W`` ([out, in]) in place, bit for bit as the reference's ``fasterprune`` loop
     (column by column inside a block, then one product for the columns after it).
@@ -204,7 +272,7 @@ def _obs_columns(W: torch.Tensor, U: torch.Tensor, sparsity: float, n: int, m: i
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        ws = _workspace(rows, count, W.dtype, W.device)
+        ws = _cached(_BlockWorkspace, rows, count, W.dtype, W.device)
         WT, MT = ws.WT, ws.MT
         WT.copy_(W[:, i1:i2].t())
         ws.U1.copy_(U[i1:i2, i1:i2])
