@@ -188,6 +188,7 @@ def test_shared_hessians_give_the_unshared_pruning(arch, monkeypatch):
     monkeypatch.setattr("llmmem.pruning.sparsegpt.HessianStats.__init__",
                         lambda self, d, dev, shared=None: init(self, d, dev))
     prune(plain_model, PruneSpec("sparsegpt", 0.5), calib)
+    assert not hasattr(sparsegpt._workspaces, "cache")  # the column loop's buffers are let go after a run
     for (k, a), b in zip(shared_model.state_dict().items(), plain_model.state_dict().values()):
         assert torch.equal(a, b), k
 

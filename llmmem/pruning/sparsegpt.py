@@ -6,10 +6,11 @@ for unstructured, per M-column group for N:M) and each pruned weight's error is 
 not-yet-processed columns through the upper Cholesky factor of ``H^-1``.
 
 Speed without changing a bit: linears fed the same input tensor (q/k/v, gate/up) share one Hessian and one
-Cholesky factor (the reference computes equal ones separately); the column loop computes every value with the
-reference's operations in the reference's order, on the block transposed and with fewer kernel launches per
-column (:func:`_obs_columns`; a sub-blocked variant summed in another order and drifted from the reference's
-masks on a real model, so reorderings are out).
+Cholesky factor (the reference computes equal ones separately); on the CPU each sequence's ``X^T X`` is computed
+on its upper staircase only and mirrored, where a check finds the full product's bits (:class:`HessianStats`);
+the column loop computes every value with the reference's operations in the reference's order, on the block
+transposed and with fewer kernel launches per column (:func:`_obs_columns`; a sub-blocked variant summed in
+another order and drifted from the reference's masks on a real model, so reorderings are out).
 
 TF32 is off for the whole SparseGPT run (the block forward passes, the Hessian accumulation and the OBS
 update), as in the reference's ``sparsegpt.py``, which turns it off globally at import; the caller's
@@ -67,7 +68,7 @@ def full_fp32_matmul():
             b.cudnn.allow_tf32 = cudnn
 
 
-_workspaces = threading.local()  # per thread: a few recently used buffers, by shape
+_workspaces = threading.local()  # per thread: a few recently used buffers, by shape (SparseGPT runs drop them)
 
 
 def _cached(cls, *args):
@@ -132,14 +133,20 @@ class HessianStats:
         if x.dim() == 2:
             x = x.unsqueeze(0)
         H = self._acc[0]
+        ws = None  # buffers for the upper staircase products of this call's sequences
         with full_fp32_matmul():
             for seq in x.reshape(x.shape[0], -1, x.shape[-1]):  # one sequence at a time, as the reference
                 H *= self.nsamples / (self.nsamples + 1)
                 self.nsamples += 1
                 scale = math.sqrt(2 / self.nsamples)
-                G = _upper_product(seq.float(), scale) if H.device.type == "cpu" else None
+                seq = seq.float()
+                G = None
+                if _staircase_may_be_exact(seq):
+                    if ws is None or ws.inp.shape != seq.shape:
+                        ws = _ProductWorkspace(*seq.shape, seq.device)
+                    G = ws.product(seq, scale)
                 if G is None:
-                    inp = scale * seq.float()
+                    inp = scale * seq
                     H += inp.t() @ inp
                 else:
                     H += G  # its lower staircase is zero: H's goes stale
@@ -159,34 +166,36 @@ def _mirror_upper(H: torch.Tensor) -> None:
         H[a1:, a0:a1].copy_(H[a0:a1, a1:].t())
 
 
+def _staircase_may_be_exact(seq: torch.Tensor) -> bool:
+    tokens, d = seq.shape
+    return (seq.device.type == "cpu" and d > _TILE and seq.is_contiguous()
+            and _staircase_exact.get((seq.device, tokens, d), True))
+
+
 class _ProductWorkspace:
+    """Buffers for ``inp^T inp`` on its upper staircase, ``inp = scale * seq`` ([tokens, d])."""
+
     def __init__(self, tokens: int, d: int, device):
         self.inp = torch.empty((tokens, d), dtype=torch.float32, device=device)
         self.G = torch.zeros((d, d), dtype=torch.float32, device=device)  # lower staircase: stays zero
-        self.slices = [(self.inp[:, a0:a1].t(), self.inp[:, a0:], self.G[a0:a1, a0:]) for a0, a1 in _tiles(d)]
+        self.tiles = [(self.inp[:, a0:a1].t(), self.inp[:, a0:], self.G[a0:a1, a0:]) for a0, a1 in _tiles(d)]
 
-
-def _upper_product(seq: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """``inp^T inp`` for ``inp = scale * seq`` on its upper staircase (zero below), or None where that would not
-    give the full product's bits (checked once per shape)."""
-    tokens, d = seq.shape
-    key = (seq.device, tokens, d)
-    if d <= _TILE or not seq.is_contiguous() or not _staircase_exact.get(key, True):
-        return None
-    ws = _cached(_ProductWorkspace, tokens, d, seq.device)
-    torch.mul(seq, scale, out=ws.inp)  # = scale * seq, as the reference
-    for a, b, out in ws.slices:
-        torch.matmul(a, b, out=out)
-    if key not in _staircase_exact:
-        full = ws.inp.t() @ ws.inp
-        mirrored = ws.G.clone()
-        _mirror_upper(mirrored)
-        _staircase_exact[key] = torch.equal(mirrored, full)
-        if not _staircase_exact[key]:
-            log.info("Hessian products of %d x %d inputs on %s: full (the staircase differs in the last bits)",
-                     tokens, d, seq.device)
-            return None
-    return ws.G
+    def product(self, seq: torch.Tensor, scale: float) -> torch.Tensor | None:
+        """``G`` (upper staircase: the full product's entries; zero below), or None where the staircase does not
+        give the full product's bits (checked on the first sequence of each shape)."""
+        torch.mul(seq, scale, out=self.inp)  # = scale * seq, as the reference
+        for a, b, out in self.tiles:
+            torch.matmul(a, b, out=out)
+        key = (seq.device, *seq.shape)
+        if key not in _staircase_exact:
+            full = self.inp.t() @ self.inp
+            mirrored = self.G.clone()
+            _mirror_upper(mirrored)
+            _staircase_exact[key] = torch.equal(mirrored, full)
+            if not _staircase_exact[key]:
+                log.info("Hessian of %d x %d inputs on %s: the full product (the staircase's bits differ)", *key[1:],
+                         key[0])
+        return self.G if _staircase_exact[key] else None
 
 
 def _input_key(x: torch.Tensor) -> tuple:
@@ -324,9 +333,15 @@ class SparseGPT:
         self._inputs: dict = {}  # block input tensors -> shared Hessians (see HessianStats)
         self._prepared: tuple | None = None  # (H, percdamp, prepared) of the last linear pruned
 
+    @contextlib.contextmanager
     def precision(self):
-        """The whole run (forward passes included) without TF32, as the reference, which sets it at import."""
-        return full_fp32_matmul()
+        """The whole run (forward passes included) without TF32, as the reference, which sets it at import;
+        the column loop's buffers are let go at the end."""
+        try:
+            with full_fp32_matmul():
+                yield
+        finally:
+            _workspaces.__dict__.pop("cache", None)
 
     def new_stats(self, ref: LinearRef) -> HessianStats:
         return HessianStats(ref.in_features, ref.weight.device, shared=self._inputs)
