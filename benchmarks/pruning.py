@@ -16,6 +16,7 @@ Goals: llmmem <= 1.0x the reference for each method; SparseGPT <= 1.8x the floor
 
     python benchmarks/pruning.py                      # smollm2-135m, nsamples 32, seqlen 256
     python benchmarks/pruning.py --model ./ckpt --nsamples 128 --seqlen 2048 --threads 8
+    python benchmarks/pruning.py --methods sparsegpt --structure 2:4   # N:M (SparseGPT only)
 
 The last line holds the ratios.
 """
@@ -34,7 +35,7 @@ from llmmem.config import ModelSpec
 from llmmem.models import base_model, find_block_list, load_model
 from llmmem.pruning import prune
 from llmmem.pruning.calibration import Calibration
-from llmmem.pruning.spec import PruneSpec
+from llmmem.pruning.spec import PruneSpec, parse_structure
 
 
 # ----------------------------------------------------------------------------- the reference, re-implemented
@@ -251,9 +252,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    ap.add_argument("--structure", default="unstructured",
+                    help="unstructured or N:M (e.g. 2:4; sparsegpt only: the re-implemented reference has N:M there)")
     ap.add_argument("--repeats", type=int, default=2, help="A/B pairs per method; best of N for every timing")
     ap.add_argument("--no_reference", action="store_true", help="time llmmem and the floor only")
     args = ap.parse_args()
+    prune_n, prune_m = parse_structure(args.structure)
+    if prune_m and args.methods != "sparsegpt":
+        ap.error("--structure N:M needs --methods sparsegpt")
     torch.set_num_threads(args.threads)
     lm = load_model(ModelSpec(args.model, device=args.device), need_tokenizer=False)
     model = lm.model
@@ -286,13 +292,14 @@ def main() -> None:
     rows = [("2 x forward (floor)", floor, None, None)]
     ratios = []
     for method in args.methods.split(","):
-        spec = PruneSpec(method, args.sparsity)
+        spec = PruneSpec(method, args.sparsity, structure=args.structure)
         ours, ref = [], []
         for _ in range(args.repeats):  # A and B interleaved
             ours.append(timed(lambda spec=spec: prune(model, spec, calib, device=device, batch_size=args.batch_size)))
             w_ours = block_weights(model)
             if not args.no_reference:
-                ref.append(timed(lambda method=method: reference_prune(model, ids, method, args.sparsity)))
+                ref.append(timed(lambda method=method: reference_prune(model, ids, method, args.sparsity, prune_n,
+                                                                       prune_m)))
                 w_ref = block_weights(model)
         secs = min(ours)
         rows.append((method, secs, None, None))
@@ -304,7 +311,8 @@ def main() -> None:
             ratios.append(f"sparsegpt {secs / floor:.2f}x floor")
     model.load_state_dict(dense)
     print(f"model {lm.name}, device {device}, threads {args.threads}, nsamples {args.nsamples}, "
-          f"seqlen {args.seqlen}, batch {args.batch_size}, sparsity {args.sparsity}, best of {args.repeats}")
+          f"seqlen {args.seqlen}, batch {args.batch_size}, sparsity {args.sparsity}, {args.structure}, "
+          f"best of {args.repeats}")
     print(f"| {'what':<24} | {'seconds':>8} | {'x floor':>7} | {'mask agreement':>14} | {'max rel. Frobenius':>18} |")
     print(f"|{'-' * 26}|{'-' * 10}|{'-' * 9}|{'-' * 16}|{'-' * 20}|")
     for name, secs, same, rel in rows:
