@@ -87,6 +87,42 @@ def test_shared_fewshot_prefix_fast_equals_plain(arch, monkeypatch):
         assert fast.share_prefixes and max(shared) > 20
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shared_prefix_is_computed_once_per_call(arch, monkeypatch):
+    """Issue 21: a task's few-shot block is prefilled once per generate / loglikelihood call, not once per
+    batch or refill (the prefix cache lives in the call; outputs stay the plain path's)."""
+    monkeypatch.setattr(hf, "MIN_SHARED_PREFIX", 4)
+    fast, plain = backends(arch, 4)
+    events = []
+    real_p, real_call = HFBackend._shared_prefix, HFBackend._call_cached
+
+    def spy_p(self, seqs):
+        events.append(("p", real_p(self, seqs)))
+        return events[-1][1]
+
+    def spy_call(self, ids, mask, positions, kw, keep):
+        cached = next(iter(kw.values())).get_seq_length()
+        events.append(("call", ids.shape[0], ids.shape[1], cached))
+        return real_call(self, ids, mask, positions, kw, keep)
+
+    monkeypatch.setattr(HFBackend, "_shared_prefix", spy_p)
+    monkeypatch.setattr(HFBackend, "_call_cached", spy_call)
+
+    def prefix_runs():
+        return sum(1 for a, b in zip(events, events[1:])
+                   if a[0] == "p" and a[1] > 0 and b[0] == "call" and b[1:] == (1, a[1], 0))
+
+    prompts = [SHOTS + q + " " + str(k) for k in range(4) for q in QUESTIONS]  # 20 prompts, batches of 4
+    reqs = [GenerateRequest(context=p, max_gen_toks=n, until=["\n"]) for p, n in zip(prompts, [2, 5, 9, 3] * 5)]
+    assert_same_generations(fast, plain, reqs)
+    shared = [e for e in events if e[0] == "p" and e[1] > 0]
+    assert len(shared) >= 3 and prefix_runs() == 1  # several prefills shared the block; it ran once
+    events.clear()
+    ll = [LoglikelihoodRequest(context=p, continuation=c) for p in prompts for c in (" Paris", " Lyon and Tokyo")]
+    assert_same_loglikelihoods(fast.loglikelihood(ll), plain.loglikelihood(ll))
+    assert len([e for e in events if e[0] == "p" and e[1] > 0]) >= 3 and prefix_runs() == 1
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_loglikelihood_of_shared_contexts_fast_equals_plain(arch, batch_size):

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections import deque
-from collections.abc import Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -188,14 +188,17 @@ class HFBackend(TokenizedBackend):
             p += 1
         return p if p >= MIN_SHARED_PREFIX and (len(seqs) - 1) * p >= 8 * MIN_SHARED_PREFIX else 0
 
-    def _prefill(self, seqs: list[list[int]]):
+    def _prefill(self, seqs: list[list[int]], memo: dict | None = None):
         """Run a batch of token sequences into a new cache -> (cache, attention mask, logits of each
         sequence's last token).
 
         Rows are left-padded so that they all end at the last column. A prefix shared by every row
         (a fixed few-shot block) is run once and its cache copied to every row; the rows' own tokens
         follow it after their padding, at the positions they would have without it (full attention
-        only: a sliding window would count the padding).
+        only: a sliding window would count the padding). ``memo``: a dict owned by the caller for one
+        call over one model state (one ``generate`` / ``loglikelihood``); the last prefix's cache is kept
+        there, and the next batch reuses the part its own shared prefix starts with (computing only the
+        rest), so a task's few-shot block is computed once, not once per batch or refill.
         """
         from transformers import DynamicCache
 
@@ -203,10 +206,23 @@ class HFBackend(TokenizedBackend):
         n, p = len(seqs), self._shared_prefix(seqs)
         cache = self._new_cache()
         if p:
-            prefix = torch.tensor([seqs[0][:p]], dtype=torch.long, device=dev)
-            self._call_cached(prefix, torch.ones_like(prefix), torch.arange(p, device=dev)[None], {self._cache_kw: cache}, 1)
+            key = tuple(seqs[0][:p])
+            held, q = (memo or {}).get("prefix"), 0
+            if held is not None:  # the longest start of this batch's shared prefix whose cache is held
+                while q < min(p, len(held[0])) and held[0][q] == key[q]:
+                    q += 1
+            if q:  # causal attention: the first q positions' cache is the same whatever follows them
+                layers = [(k[:, :, :q], v[:, :, :q]) for k, v in held[1]]
+                cache = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in layers])
+            if q < p:
+                prefix = torch.tensor([key[q:]], dtype=torch.long, device=dev)
+                self._call_cached(prefix, torch.ones((1, p), dtype=torch.long, device=dev),
+                                  torch.arange(q, p, device=dev)[None], {self._cache_kw: cache}, 1)
+            layers = _cache_tensors(cache)
+            if memo is not None:
+                memo["prefix"] = (key, layers)
             cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1).contiguous(), v.expand(n, -1, -1, -1).contiguous())
-                                                 for k, v in _cache_tensors(cache)])
+                                                 for k, v in layers])
         ids, m = _left_pad([s[p:] for s in seqs], self.tok.pad_token_id)
         ids, m = ids.to(dev), m.to(dev)
         mask = torch.cat([torch.ones((n, p), dtype=m.dtype, device=dev), m], dim=1) if p else m
@@ -269,12 +285,14 @@ class HFBackend(TokenizedBackend):
         logits of its last token only), then feed only the continuations' tokens through the cache."""
         from transformers import DynamicCache
 
-        groups = sorted(groups, key=lambda g: -len(g[0]))
+        order = _prefix_then_length([c for c, _ in groups], range(len(groups)))
+        groups = [groups[k] for k in sorted(range(len(groups)), key=order)]
         batches = [groups[i:i + self.batch_size] for i in range(0, len(groups), self.batch_size)]
         pad = self.tok.pad_token_id
         dev = self.device
+        memo: dict = {}  # one shared few-shot prefix computed once for all batches of this call
         for batch in progress(batches, desc=desc, quiet=self.quiet):
-            cache, mask, last = self._prefill([c for c, _ in batch])
+            cache, mask, last = self._prefill([c for c, _ in batch], memo)
             first_lp = torch.log_softmax(last.float(), dim=-1)  # [contexts, vocab]: every first token
             n_ctx = mask.sum(-1)
             rows = [(b, i) for b, (_, members) in enumerate(batch) for i in members]
@@ -382,9 +400,10 @@ class HFBackend(TokenizedBackend):
         pad = self.tok.pad_token_id
         eos = set(self.stop_ids())
         dev = self.device
-        pending = deque(sorted(todo, key=lambda i: -len(prompts[i])))
+        pending = deque(sorted(todo, key=_prefix_then_length([prompts[i] for i in todo], todo)))
         rows: list[_Row] = []
         cache = mask = last = pos = None
+        memo: dict = {}  # the shared few-shot prefix's cache, computed once for every prefill of this call
         bar = progress(total=len(todo), desc="generate", quiet=self.quiet)
 
         def advance(new_rows: list[_Row], tokens: list[int]) -> None:
@@ -400,7 +419,7 @@ class HFBackend(TokenizedBackend):
             free = self.batch_size - len(rows)
             if pending and free > 0 and (not rows or free * 2 >= self.batch_size):
                 take = [pending.popleft() for _ in range(min(free, len(pending)))]
-                c, m, last_logits = self._prefill([prompts[i] for i in take])
+                c, m, last_logits = self._prefill([prompts[i] for i in take], memo)
                 first = last_logits.float().argmax(-1)
                 new = [_Row(i, requests[i].max_gen_toks, [s for s in requests[i].until if s]) for i in take]
                 advance(new, first.tolist())
@@ -431,6 +450,29 @@ class HFBackend(TokenizedBackend):
                 cache, mask = _select(cache, mask, sel)
                 last, pos = last.index_select(0, sel), pos.index_select(0, sel)
         bar.close()
+
+
+def _prefix_then_length(seqs: list[list[int]], ids) -> Callable[[int], tuple]:
+    """Sort key for batching: longest first, except that when most sequences start with one block (a fixed
+    few-shot prefix; lm-eval's ``first_n`` sampler skips the scored doc, so the first few docs get other
+    shots), those that leave it come last, so that they never break the sharing of a batch's prefix."""
+    group, t = list(range(len(seqs))), 0
+    out = [False] * len(seqs)
+    while group:
+        tokens = Counter(seqs[k][t] for k in group if len(seqs[k]) > t)
+        if not tokens:
+            break
+        tok, count = tokens.most_common(1)[0]
+        if count * 2 <= len(seqs):  # no majority continues the block: it ends here
+            break
+        for k in group:
+            out[k] = out[k] or len(seqs[k]) <= t or seqs[k][t] != tok
+        group = [k for k in group if not out[k]]
+        t += 1
+    if t < MIN_SHARED_PREFIX:
+        out = [False] * len(seqs)
+    key = {i: (o, -len(s)) for i, s, o in zip(ids, seqs, out)}
+    return key.__getitem__
 
 
 def _has_local_attention(config) -> bool:
