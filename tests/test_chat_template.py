@@ -135,11 +135,11 @@ def test_fewshot_seed_is_lm_evals_fourth_seed(tmp_path, chat_dir):
 
     b = _backend(chat_dir)
     out = tmp_path / "exported"
-    export_tasks(out, ["capitals"])
-    task = get_task("capitals")
-    ours = _ours(task, 8, 3, b, fewshot_seed=42)
-    assert ours == _lm_eval_prompts(out, "llmmem_capitals", 8, 3, chat=_hflm(b).apply_chat_template, seed=42)
-    assert ours != _ours(task, 8, 3, b)
+    export_tasks(out, ["associative_recall"])  # lm-eval's default sampler (capitals has fixed first_n shots)
+    task = get_task("associative_recall")
+    ours = _ours(task, 8, 2, b, fewshot_seed=42)
+    assert ours == _lm_eval_prompts(out, "llmmem_associative_recall", 8, 2, chat=_hflm(b).apply_chat_template, seed=42)
+    assert ours != _ours(task, 8, 2, b)
 
 
 def test_one_bos_and_lm_evals_token_ids(chat_dir):

@@ -35,8 +35,15 @@ def test_fewshot_never_uses_the_scored_row():
         assert len(shots) == 3
         assert all(f"capital of {d['country']}?" not in s for s in shots)
         assert prompt.endswith(f"Q: What is the capital of {d['country']}?\nA:")
-    assert prompts == task.prompts(docs, 3, seed=0)  # seeded
-    assert prompts != task.prompts(docs, 3, seed=1)
+    # fixed shots (first_n): the first three rows, the scored row skipped; one block for all later docs
+    block = prompts[3][: prompts[3].rindex("Q: ")]
+    assert block == "".join(f"Q: What is the capital of {d['country']}?\nA: {d['capital']}\n\n" for d in docs[:3])
+    assert all(p.startswith(block) for p in prompts[3:]) and not prompts[0].startswith(block)
+    assert prompts == task.prompts(docs, 3, seed=1)  # the seed draws nothing
+    drawn = get_task("associative_recall")  # lm-eval's default sampler: seeded draws per doc
+    adocs = drawn.docs(limit=20)
+    assert drawn.prompts(adocs, 2, seed=0) == drawn.prompts(adocs, 2, seed=0)
+    assert drawn.prompts(adocs, 2, seed=0) != drawn.prompts(adocs, 2, seed=1)
 
 
 def test_fewshot_prompt_does_not_depend_on_limit(tiny_backend):
@@ -172,8 +179,8 @@ def test_eval_cli_writes_a_valid_cell(tmp_path, llama_dir, capsys):
         assert len(rows) == doc["n_samples"][t] == 6
         assert "response" in rows[0] and "id" in rows[0]
     assert "prompt" in json.loads((cell / "samples_capitals.jsonl").read_text().splitlines()[0])
-    assert doc["tasks"]["capitals"]["version"] == 2 and len(doc["tasks"]["capitals"]["hash"]) == 16
-    assert doc["tasks"]["capitals"]["n_truncated"] == 4 and any("capitals: 4 request" in w for w in doc["warnings"])
+    assert doc["tasks"]["capitals"]["version"] == 3 and len(doc["tasks"]["capitals"]["hash"]) == 16
+    assert doc["tasks"]["capitals"]["n_truncated"] == 6 and any("capitals: 6 request" in w for w in doc["warnings"])
     # a finished cell is not overwritten
     assert run_cli(["eval", "--model", llama_dir, "--tasks", ",".join(OFFLINE), "--limit", "6", "--output_path", out,
                     "--quiet"]) == 2
