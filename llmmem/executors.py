@@ -245,7 +245,9 @@ class WorkerJob:
     log_samples: bool = False
     use_cache: str | None = None
     quiet: bool = True
-    overwrite: bool = False
+    # --overwrite: results written before this time (the command's start) are redone; those written after it,
+    # by this command's own workers, are kept (else every worker would redo what the others just finished)
+    overwrite_before: float | None = None
     threads: int | None = None
     rotate: int = 0  # local workers start at different units (worker i of n at unit i*len/n)
     n_workers: int = 1
@@ -272,10 +274,17 @@ def _needed_prefixes(cells: list) -> set[str]:
     return need
 
 
-def _is_done(run_dir: Path, cell) -> bool:
+def _is_done(run_dir: Path, cell, overwrite_before: float | None = None) -> bool:
+    """A finished cell (and, under --overwrite, one finished by this command: at or after its start)."""
     from llmmem.results import read_cell
 
-    return read_cell(run_dir / cell.name() / "results.json", strict=False) is not None
+    path = run_dir / cell.name() / "results.json"
+    if read_cell(path, strict=False) is None:
+        return False
+    try:
+        return overwrite_before is None or path.stat().st_mtime >= overwrite_before
+    except OSError:
+        return False
 
 
 INVALID_WEIGHTS = "\0invalid"  # a session's weights after a failed step: restore from a snapshot
@@ -313,7 +322,7 @@ def run_worker(job: WorkerJob, print_fn=None) -> dict:
 
 
 def _run_unit(job, run_dir, claims, me, entry, unit: Unit, ctx, out, print_fn, k, total) -> int:
-    wanted = [c for c in unit.todo_cells() if job.overwrite or not _is_done(run_dir, c)]
+    wanted = [c for c in unit.todo_cells() if not _is_done(run_dir, c, job.overwrite_before)]
     if not wanted:
         return k
     claim = claims.acquire(unit.key, unit.name, [c.name() for c in wanted])
@@ -324,7 +333,7 @@ def _run_unit(job, run_dir, claims, me, entry, unit: Unit, ctx, out, print_fn, k
         failures = read_failures(run_dir)
         # re-read after claiming: another worker may have finished cells meanwhile; a cell that failed in
         # THIS command (another worker of it) is not retried until the next command
-        todo = [c for c in wanted if (job.overwrite or not _is_done(run_dir, c))
+        todo = [c for c in wanted if not _is_done(run_dir, c, job.overwrite_before)
                 and (failures.get(c.name()) or {}).get("run_id") != job.run_id]
         failed_chains: list = []
         for i, cell in enumerate(todo):
@@ -436,7 +445,7 @@ def execute(spec, run_dir: Path, planned: list, ex: ExecutorSpec, *, overwrite: 
     works = make_units(planned)
     job = WorkerJob(run_dir=str(run_dir), run_id=run_id, works=works, batch_size=spec.batch_size,
                     max_batch_size=spec.max_batch_size, log_samples=spec.log_samples, use_cache=spec.use_cache,
-                    quiet=quiet, overwrite=overwrite, threads=threads)
+                    quiet=quiet, overwrite_before=time.time() if overwrite else None, threads=threads)
     outcome = Outcome()
     if not works:
         return outcome

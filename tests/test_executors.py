@@ -71,6 +71,15 @@ def test_two_local_workers_equal_serial(tmp_path, llama_dir, serial, capsys, mon
     assert not list((run / ".claims").glob("*.json"))  # every claim released
     assert run_cli(["sweep", "--status", run]) == 0
     assert "5 cells: 5 done, 0 running, 0 queued, 0 failed, 0 pending" in capsys.readouterr().out
+    # --overwrite redoes every cell once: a worker never redoes what its sibling finished in this command
+    before = mtimes(run)
+    assert run_cli(["sweep", cfg, "--quiet", "--executor", "local", "--workers", "2", "--threads", "1",
+                    "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert sum(line.startswith(("[w0] tiny-llama ", "[w1] tiny-llama ")) for line in out.splitlines()) == 5
+    after = mtimes(run)
+    assert after.keys() == before.keys() and all(after[k] > before[k] for k in before)
+    assert results_of(run) == serial
 
 
 def test_submitit_local_executor_equal_serial(tmp_path, llama_dir, serial, capsys, monkeypatch):
