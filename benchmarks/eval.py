@@ -26,7 +26,7 @@ import statistics
 import sys
 import time
 
-QUICKSTART = "capitals,capitals_override,openbook_invented,associative_recall,famous_passages"
+QUICKSTART = "capitals,demonyms,element_symbols,capitals_override,openbook_invented,famous_passages"
 
 
 def build_requests(task, docs, backend, n_choices: int):
