@@ -285,16 +285,17 @@ def test_seed_comma_form(tmp_path, llama_dir, capsys):
     assert parse_seed("5") == (5, None, None, None)
     assert parse_seed("1,None,2") == (1, None, 2, 1234)  # lm-eval fills a missing fourth with its default
     run = tmp_path / "run"
-    base = ["eval", "--model", llama_dir, "--tasks", "capitals", "--limit", "6", "--log_samples", "--quiet"]
+    # associative_recall draws its shots with lm-eval's default sampler (capitals' are fixed: first_n)
+    base = ["eval", "--model", llama_dir, "--tasks", "associative_recall", "--limit", "6", "--log_samples", "--quiet"]
     assert run_cli([*base, "--output_path", run, "--seed", "0,7,8,42"]) == 0, capsys.readouterr().err
     (doc,) = _cells(run)
     assert doc["seeds"] == {"seed": 0, "fewshot_seed": 42, "numpy_seed": 7, "torch_seed": 8}
     assert doc["cell_config"]["eval"]["fewshot_seed"] == 42 and "torch_seed" not in doc["cell_config"]["eval"]
     from llmmem.tasks import PromptFormat, get_task
 
-    task = get_task("capitals")
-    want = task.prompts(task.docs(limit=6), 3, 0, PromptFormat(fewshot_seed=42))
-    assert [r["prompt"] for r in _rows(run, "capitals")] == want != task.prompts(task.docs(limit=6), 3, 0)
+    task = get_task("associative_recall")
+    want = task.prompts(task.docs(limit=6), 2, 0, PromptFormat(fewshot_seed=42))
+    assert [r["prompt"] for r in _rows(run, "associative_recall")] == want != task.prompts(task.docs(limit=6), 2, 0)
     cli_error(capsys, [*base, "--output_path", run, "--seed", "1,2"], "--seed '1,2'", "python,numpy,torch,fewshot")
     cli_error(capsys, [*base, "--output_path", run, "--seed", "0,x,1,2"], "--seed (numpy)")
 
