@@ -348,7 +348,7 @@ def dense_vs_chance(cells: list[dict], mcells: list[dict]) -> list[str]:
     out = ["### headline tasks on the dense model", "",
            f"(dense - chance) / SE of the dense mean over docs; a task below {MIN_Z:g} standard errors has no "
            "retention (its family averages the others).", "",
-           "| family | task | metric | dense | chance | n | (dense - chance) / SE |", "|---|---|---|---:|---:|---:|---:|"]
+           "| family | task | metric | dense value | chance | n | (dense - chance) / SE |", "|---|---|---|---:|---:|---:|---:|"]
     for fam, pairs in fams.items():
         for task, metric in pairs:
             rows = samples_of(dense, task)
