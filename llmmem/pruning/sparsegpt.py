@@ -289,21 +289,16 @@ def _obs_columns(W: torch.Tensor, U: torch.Tensor, sparsity: float, n: int, m: i
         if m == 0:
             score = WT ** 2 / d1.reshape(-1, 1) ** 2  # the reference's sorted(score)[k], found by selection
             torch.le(score, kth_smallest(score, int(score.numel() * sparsity) + 1), out=MT)
-            for w, err, mask, d, u, err_row, prod, later in ws.steps:
-                torch.where(mask, w, ws.zero, out=err)
-                err.div_(d)
-                torch.mul(u, err_row, out=prod)
-                later.sub_(prod)
         else:
             MT.zero_()
-            for c, (w, err, mask, d, u, err_row, prod, later) in enumerate(ws.steps):
-                if c % m == 0:  # the mask of the next m columns, from their current values
-                    score = (WT[c:c + m].t() ** 2 / d1[c:c + m].reshape(1, -1) ** 2).contiguous()
-                    MT.t().scatter_(1, c + torch.topk(score, n, dim=1, largest=False)[1], True)
-                torch.where(mask, w, ws.zero, out=err)
-                err.div_(d)
-                torch.mul(u, err_row, out=prod)
-                later.sub_(prod)
+        for c, (w, err, mask, d, u, err_row, prod, later) in enumerate(ws.steps):
+            if m and c % m == 0:  # N:M: the mask of the next m columns, from their current values
+                score = (WT[c:c + m].t() ** 2 / d1[c:c + m].reshape(1, -1) ** 2).contiguous()
+                MT.t().scatter_(1, c + torch.topk(score, n, dim=1, largest=False)[1], True)
+            torch.where(mask, w, ws.zero, out=err)
+            err.div_(d)
+            torch.mul(u, err_row, out=prod)
+            later.sub_(prod)
         torch.where(MT.t(), ws.zero, WT.t(), out=W[:, i1:i2])  # Q1
         ws.Err1.copy_(ws.ET.t())
         W[:, i2:] -= ws.Err1 @ U[i1:i2, i2:]
