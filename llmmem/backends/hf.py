@@ -27,7 +27,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -285,8 +285,7 @@ class HFBackend(TokenizedBackend):
         logits of its last token only), then feed only the continuations' tokens through the cache."""
         from transformers import DynamicCache
 
-        order = _prefix_then_length([c for c, _ in groups], range(len(groups)))
-        groups = [groups[k] for k in sorted(range(len(groups)), key=order)]
+        groups = [groups[k] for k in _batch_order([c for c, _ in groups])]
         batches = [groups[i:i + self.batch_size] for i in range(0, len(groups), self.batch_size)]
         pad = self.tok.pad_token_id
         dev = self.device
@@ -400,7 +399,7 @@ class HFBackend(TokenizedBackend):
         pad = self.tok.pad_token_id
         eos = set(self.stop_ids())
         dev = self.device
-        pending = deque(sorted(todo, key=_prefix_then_length([prompts[i] for i in todo], todo)))
+        pending = deque(todo[k] for k in _batch_order([prompts[i] for i in todo]))
         rows: list[_Row] = []
         cache = mask = last = pos = None
         memo: dict = {}  # the shared few-shot prefix's cache, computed once for every prefill of this call
@@ -452,10 +451,10 @@ class HFBackend(TokenizedBackend):
         bar.close()
 
 
-def _prefix_then_length(seqs: list[list[int]], ids) -> Callable[[int], tuple]:
-    """Sort key for batching: longest first, except that when most sequences start with one block (a fixed
-    few-shot prefix; lm-eval's ``first_n`` sampler skips the scored doc, so the first few docs get other
-    shots), those that leave it come last, so that they never break the sharing of a batch's prefix."""
+def _batch_order(seqs: list[list[int]]) -> list[int]:
+    """Indices of ``seqs`` in batching order: longest first, except that when most sequences start with one
+    block (a fixed few-shot prefix; lm-eval's ``first_n`` sampler skips the scored doc, so the first few docs
+    get other shots), those that leave it come last, so that they never break the sharing of a batch's prefix."""
     group, t = list(range(len(seqs))), 0
     out = [False] * len(seqs)
     while group:
@@ -471,8 +470,7 @@ def _prefix_then_length(seqs: list[list[int]], ids) -> Callable[[int], tuple]:
         t += 1
     if t < MIN_SHARED_PREFIX:
         out = [False] * len(seqs)
-    key = {i: (o, -len(s)) for i, s, o in zip(ids, seqs, out)}
-    return key.__getitem__
+    return sorted(range(len(seqs)), key=lambda k: (out[k], -len(seqs[k])))
 
 
 def _has_local_attention(config) -> bool:
