@@ -337,9 +337,7 @@ def family_pairs(mcells: list[dict], families=HEADLINE_FAMILIES) -> dict[str, li
 def dense_vs_chance(cells: list[dict], mcells: list[dict]) -> list[str]:
     """How far above chance each headline task is on the dense model, in standard errors of the dense mean
     (a task closer than ``llmmem.stats.MIN_Z`` standard errors has no retention: it is left out)."""
-    import numpy as np
-
-    from llmmem.stats import MIN_Z, paired_values
+    from llmmem.stats import MIN_Z, chance_gap, values_of
 
     fams = family_pairs(mcells)
     dense = next((c for c in mcells if c["kind"] == "dense"), None)
@@ -354,12 +352,12 @@ def dense_vs_chance(cells: list[dict], mcells: list[dict]) -> list[str]:
             rows = samples_of(dense, task)
             if not rows:
                 continue
-            d = paired_values(rows, rows, metric)[1]
+            d = values_of(rows, metric)
             if len(d) < 2:
                 continue
             chance = chance_of(dense["doc"], task, metric)
-            se = float(np.std(d, ddof=1)) / math.sqrt(len(d))
-            z = (float(d.mean()) - chance) / se if se > 0 else float("inf")
+            gap, se = chance_gap(d, chance)
+            z = gap / se if se > 0 else float("inf")
             out.append(f"| {FAMILY[fam]} | {task} | {metric} | {d.mean():.3f} | {chance:.3g} | {len(d)} | {z:.1f} |")
     return out + [""]
 

@@ -74,12 +74,23 @@ def _undefined(reason: str, **extra) -> dict:
             **extra}
 
 
+def values_of(rows: Sequence[Mapping], metric: str, id_key: str = "id") -> np.ndarray:
+    """One run's per-doc values of ``metric`` (docs without a value left out), in doc-id order."""
+    v = _by_id(rows, metric, id_key, "run")
+    return np.array([v[i] for i in sorted(v)], dtype=np.float64)
+
+
+def chance_gap(d: np.ndarray, chance: float) -> tuple[float, float]:
+    """(mean - chance, standard error of the mean) of the dense run's per-doc values: how far above chance a
+    task is, the test a retention must pass (``min_z`` standard errors)."""
+    return float(d.mean()) - chance, float(d.std(ddof=1)) / math.sqrt(len(d))
+
+
 def _check(c: np.ndarray, d: np.ndarray, chance: float, min_z: float) -> str | None:
     n = len(d)
     if n < 2:
         return f"{n} doc(s) scored by both the cell and the dense run; need >= 2"
-    gap = float(d.mean()) - chance
-    se = float(d.std(ddof=1)) / math.sqrt(n)
+    gap, se = chance_gap(d, chance)
     if gap <= 0 or gap <= min_z * se:
         return (f"dense model not above chance: dense {d.mean():.4g} - chance {chance:.4g} = {gap:.3g} "
                 f"<= {min_z:g} x SE {se:.3g} (n={n})")
